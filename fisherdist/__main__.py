@@ -1,0 +1,5 @@
+import sys
+
+from fisherdist.cli import main
+
+sys.exit(main())

@@ -1,0 +1,35 @@
+"""The ``fisherdist`` command. Each command group lives beside the code it drives and registers itself
+through ``register(subparsers)``; this file only wires them together and turns user errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fisherdist.errors import FisherdistError
+
+# Modules that define ``register(subparsers: argparse._SubParsersAction) -> None``.
+COMMAND_MODULES = [
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fisherdist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FisherdistError as e:
+        print(f"fisherdist: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

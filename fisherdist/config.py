@@ -1,0 +1,149 @@
+"""YAML configs with dotted ``key=value`` overrides, validated by pydantic.
+
+Every command owns a pydantic schema (``extra="forbid"`` so a misspelt key is an error, not a silent
+default). :func:`load_config` merges the YAML file with command-line overrides and turns any validation
+problem into one :class:`ConfigError` line naming the file, the key, the bad value and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fisherdist.errors import ConfigError
+
+T = TypeVar("T", bound=BaseModel)
+
+WORLD_PREFIX = "@world/"
+
+
+def default_world_dir() -> Path:
+    """The tiny world shipped inside the package (``fisherdist world build`` reproduces it)."""
+    return Path(__file__).resolve().parent / "world" / "default"
+
+
+def resolve_path(value: str | Path) -> Path:
+    """Expand ``@world/...`` to the shipped tiny world and ``~``; other paths are taken as given."""
+    text = str(value)
+    if text.startswith(WORLD_PREFIX):
+        return default_world_dir() / text[len(WORLD_PREFIX) :]
+    return Path(text).expanduser()
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(description="local Hugging Face model directory (or @world/model)")
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        p = resolve_path(v)
+        if not (p / "config.json").is_file():
+            raise ValueError(f"no Hugging Face model directory at {p} (expected {p}/config.json)")
+        return str(p)
+
+
+class DataConfig(Section):
+    path: str = Field(description="JSON Lines file, one record per line")
+    field: str = "text"
+    max_length: int = Field(128, gt=0)
+    num_samples: int | None = Field(None, gt=0, description="first N records in file order")
+    batch_size: int = Field(8, gt=0, description="micro-batch size per rank")
+    shuffle: bool = False
+    seed: int = 0
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        p = resolve_path(v)
+        if not p.is_file():
+            raise ValueError(f"no data file at {p}")
+        return str(p)
+
+
+Backend = Literal["none", "ddp", "fsdp1", "fsdp2", "zero1", "zero2", "zero3"]
+
+
+class DistConfig(Section):
+    backend: Backend = "none"
+    nproc: int = Field(1, ge=1, description="processes to spawn locally when not launched by a launcher")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: key '{dotted}': '{k}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``a.b=1`` -> ``("a.b", 1)``; values are parsed as YAML scalars so types come out right."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"command line: override '{item}': expected key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key, value))
+    return parsed
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"key '{key}': unknown key"
+    if kind == "missing":
+        return f"key '{key}': missing required value"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"key '{key}': got {err.get('input')!r}: {msg}"
+
+
+def load_config(schema: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """Load ``path`` (YAML mapping), apply dotted overrides, validate against ``schema``."""
+    source = str(path) if path is not None else "command line"
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+        tree = loaded
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value, source)
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as e:
+        first = e.errors()[0]
+        more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise ConfigError(f"{source}: {_describe(first)}{more}") from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The fully resolved config as YAML, saved next to every run's outputs."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
