@@ -1,0 +1,101 @@
+"""One short function per backend that wraps a model for training (torchtitan's ``parallelize`` idea).
+
+No method file imports ``fully_shard`` or ``deepspeed``: recipes call :func:`wrap_model` and get a
+:class:`Wrapped` with the same ``module`` / ``backward`` / ``step`` surface on every backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fisherdist.errors import FisherdistError
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass
+class Wrapped:
+    """A model prepared for one backend; ``unwrapped`` keeps the user's parameter names."""
+
+    backend: str
+    module: Any  # what to call for forward: plain module, DDP, FSDP module, DeepSpeed engine
+    unwrapped: nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.backend.startswith("zero"):
+            self.module.backward(loss)
+        else:
+            loss.backward()
+
+    def step(self) -> None:
+        if self.backend.startswith("zero"):
+            self.module.step()
+            return
+        if self.optimizer is not None:
+            self.optimizer.step()
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        if self.backend.startswith("zero"):
+            self.module.zero_grad()
+        elif self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            for p in self.unwrapped.parameters():
+                p.grad = None
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Decoder layers of an HF causal LM (``model.model.layers``), also inside a PEFT wrapper."""
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, nn.ModuleList):
+            return list(module)
+    return []
+
+
+def _wrap_none(model: nn.Module, opt: OptimizerFactory | None, **_: Any) -> Wrapped:
+    return Wrapped("none", model, model, opt(_trainable(model)) if opt else None)
+
+
+def _wrap_ddp(model: nn.Module, opt: OptimizerFactory | None, **_: Any) -> Wrapped:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(model, find_unused_parameters=False)
+    return Wrapped("ddp", ddp, model, opt(_trainable(model)) if opt else None)
+
+
+def _wrap_fsdp2(model: nn.Module, opt: OptimizerFactory | None, **_: Any) -> Wrapped:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    for block in _transformer_blocks(model):  # one FSDP unit per decoder layer, then the root
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return Wrapped("fsdp2", model, model, opt(_trainable(model)) if opt else None)
+
+
+WRAPPERS: dict[str, Callable[..., Wrapped]] = {"none": _wrap_none, "ddp": _wrap_ddp, "fsdp2": _wrap_fsdp2}
+
+
+def wrap_model(
+    model: nn.Module, backend: str, optimizer_factory: OptimizerFactory | None = None, **options: Any
+) -> Wrapped:
+    """Wrap ``model`` for ``backend`` (``none, ddp, fsdp1, fsdp2, zero1, zero2, zero3``)."""
+    if backend not in WRAPPERS:
+        raise FisherdistError(f"dist.backend: unknown backend {backend!r}; expected one of {sorted(WRAPPERS)}")
+    if backend != "none" and not dist.is_initialized():
+        raise FisherdistError(f"dist.backend={backend} needs torch.distributed; launch with torchrun or set dist.nproc")
+    return WRAPPERS[backend](model, optimizer_factory, **options)

@@ -1,0 +1,21 @@
+"""The sharded Fisher engine: what is computed (estimators, per-sample statistics), where it lives
+(``Placement``, ``FisherState``) and how it is communicated (backend adapters, ``comm``)."""
+
+from fisherdist.fisher.accumulator import FisherAccumulator
+from fisherdist.fisher.layout import Fragment, Placement
+from fisherdist.fisher.loss import model_labels, per_sample_nll
+from fisherdist.fisher.run import estimate_fisher, fisher_step
+from fisherdist.fisher.spec import FisherSpec
+from fisherdist.fisher.state import FisherState
+
+__all__ = [
+    "FisherAccumulator",
+    "FisherSpec",
+    "FisherState",
+    "Fragment",
+    "Placement",
+    "estimate_fisher",
+    "fisher_step",
+    "model_labels",
+    "per_sample_nll",
+]

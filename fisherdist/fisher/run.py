@@ -1,0 +1,99 @@
+"""The estimation loop shared by ``fisherdist fisher`` and every method that needs a Fisher pass."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from fisherdist.errors import FisherdistError
+from fisherdist.fisher.accumulator import FisherAccumulator
+from fisherdist.fisher.loss import model_labels, per_sample_nll
+from fisherdist.fisher.spec import LABEL_SOURCE, FisherSpec
+
+
+def _loss(nll: torch.Tensor, labels: torch.Tensor, spec: FisherSpec) -> torch.Tensor:
+    """The loss whose gradient each granularity squares (see ``FisherSpec``)."""
+    if spec.granularity == "sample":
+        return nll.sum()
+    if spec.granularity == "microbatch" and spec.token_weighted:
+        tokens = (labels[:, 1:] != -100).sum(1).to(nll.dtype)
+        return (nll * tokens).sum() / tokens.sum().clamp_min(1)
+    return nll.mean()
+
+
+def _any_rank(flag: torch.Tensor) -> bool:
+    """True if ``flag`` is set on any rank (one scalar collective; keeps every rank on the same path)."""
+    flag = flag.to(torch.int32).reshape(1).clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+def fisher_step(wrapped: object, acc: FisherAccumulator, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> None:
+    """One micro-batch: forward, (sampled) labels, the granularity's loss, backward, ``acc.step()``.
+
+    Samples whose loss is NaN/inf are dropped from the batch before the backward pass that is recorded
+    (they would poison every sum), and counted in ``counts.skipped``.
+    """
+    module = getattr(wrapped, "module", wrapped)
+    backward = getattr(wrapped, "backward", lambda loss: loss.backward())
+    spec = acc.spec
+    ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    for _ in range(spec.mc_samples):
+        logits = module(input_ids=ids, attention_mask=mask).logits
+        used = model_labels(logits, labels, LABEL_SOURCE[spec.estimator], generator)
+        nll = per_sample_nll(logits, used)
+        bad = ~torch.isfinite(nll)
+        if _any_rank(bad.any()):
+            keep = ~bad
+            acc.state.count(skipped=bad.sum().to(torch.float64))
+            ids, used = ids[keep], used[keep]
+            mask = mask[keep] if mask is not None else None
+            del logits
+            logits = module(input_ids=ids, attention_mask=mask).logits
+            nll = per_sample_nll(logits, used)
+        with acc.record(used):
+            backward(_loss(nll, used, spec))
+        acc.step()
+        zero = getattr(wrapped, "zero_grad", None)
+        if zero is not None:
+            zero()
+        else:
+            module.zero_grad(set_to_none=True)
+
+
+def check_health(acc: FisherAccumulator) -> None:
+    """Fail if too many samples were skipped or a statistic is not finite (one sync, after the loop)."""
+    counts = acc.state.global_counts()
+    seen = counts["samples"] + counts["skipped"]
+    if counts["skipped"]:
+        warnings.warn(f"fisher: skipped {int(counts['skipped'])} of {int(seen)} samples with NaN/inf loss", stacklevel=2)
+        if counts["skipped"] > acc.spec.max_bad_fraction * seen:
+            raise FisherdistError(
+                f"fisher: {int(counts['skipped'])} of {int(seen)} samples had NaN/inf loss, more than "
+                f"fisher.max_bad_fraction={acc.spec.max_bad_fraction}"
+            )
+    for stat, per_fqn in acc.state.buffers.items():
+        for fqn, buf in per_fqn.items():
+            if not torch.isfinite(buf).all():
+                raise FisherdistError(f"fisher: statistic {stat} of {fqn} is not finite (NaN/inf gradients)")
+
+
+def estimate_fisher(wrapped: object, batches: Iterable[dict[str, torch.Tensor]], spec: FisherSpec, *,
+                    progress: bool = True, total: int | None = None, acc: FisherAccumulator | None = None) -> FisherAccumulator:
+    """Accumulate ``spec`` over ``batches`` (this rank's micro-batches) and return the accumulator."""
+    from rich.progress import Progress
+
+    acc = acc or FisherAccumulator(wrapped, spec)
+    generator = torch.Generator().manual_seed(spec.seed + (dist.get_rank() if dist.is_initialized() else 0))
+    show = progress and (not dist.is_initialized() or dist.get_rank() == 0)
+    with Progress(disable=not show, transient=True) as bar:
+        task = bar.add_task("fisher", total=total)
+        for batch in batches:
+            fisher_step(wrapped, acc, batch, generator)
+            bar.advance(task)
+    check_health(acc)
+    return acc

@@ -1,0 +1,88 @@
+"""A tiny multi-process harness: run a function on N gloo ranks with a hard timeout.
+
+A hang fails the test instead of blocking CI, and any rank's exception is re-raised with its traceback.
+The function must be importable (module-level) so spawned processes can pickle it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue as queue_module
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        result = fn(rank, world, *args)
+        buf = io.BytesIO()  # plain bytes: tensors shared through the queue die with the child process
+        torch.save(result, buf)
+        queue.put((rank, "ok", buf.getvalue()))
+    except BaseException:  # noqa: BLE001 - forwarded to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 180.0) -> list[Any]:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo processes; return the per-rank results."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    results: dict[int, Any] = {}
+    errors = []
+    try:
+        # Drain the queue while waiting, so a large result never blocks a child on a full pipe.
+        while len(results) + len(errors) < world:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                rank, status, value = queue.get(timeout=min(remaining, 1.0))
+            except queue_module.Empty:
+                if errors and not any(p.is_alive() for p in procs):
+                    break
+                continue
+            if status == "ok":
+                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+                deadline = min(deadline, time.monotonic() + 20)  # the others will usually fail soon
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise AssertionError("distributed run failed\n" + "\n".join(errors))
+    if len(results) != world:
+        raise AssertionError(f"distributed run timed out after {timeout}s: ranks {sorted(results)} finished")
+    return [results[r] for r in range(world)]
