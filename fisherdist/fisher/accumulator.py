@@ -51,6 +51,7 @@ class FisherAccumulator:
             "stats": list(spec.stats),
             "dtype": spec.dtype,
             "params": list(self.targets),
+            "shapes": {f: list(s) for f, s in self.placement.shapes.items()},
             **self.backend.describe(),
         }
         self.state = FisherState(
@@ -126,7 +127,8 @@ class FisherAccumulator:
     # -- the loop -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def record(self, labels: torch.Tensor | None = None, *, valid: torch.Tensor | None = None) -> Iterator[None]:
-        """Accumulate the backward run inside this block; ``labels`` give token counts, ``valid`` masks samples.
+        """Accumulate the backward run inside this block; ``labels`` give token counts, ``valid`` masks
+        padding samples (weight 0, not counted).
 
         At sample granularity the backpropagated loss must be the SUM over samples of each sample's mean
         token NLL (:func:`fisherdist.fisher.loss.per_sample_nll`), so captured gradients are per-sample.
@@ -142,12 +144,13 @@ class FisherAccumulator:
             self._persample.set_batch(weights.to(self.dtype), grad_scale=self.backend.grad_scale)
             self._weight = weights.sum()
         elif self.spec.granularity == "microbatch":
-            self._weight = (tokens * mask).sum() if self.spec.token_weighted else torch.ones((), dtype=torch.float64)
+            # an all-padding micro-batch (uneven data across ranks) carries no gradient and no weight
+            self._weight = (tokens * mask).sum() if self.spec.token_weighted else (mask.sum() > 0).to(torch.float64)
         else:
             self._weight = torch.ones((), dtype=torch.float64)
         self._weight = self._weight.to(self.dtype)
         if tokens is not None:
-            self.state.count(samples=mask.sum(), tokens=(tokens * mask).sum(), skipped=(1 - mask).sum())
+            self.state.count(samples=mask.sum(), tokens=(tokens * mask).sum())
         self._recording = True
         if self._persample is not None:
             self._persample.attach()
@@ -171,12 +174,13 @@ class FisherAccumulator:
             self.state.count(weight=1.0, steps=1.0)
             return
         leftovers = {}
-        for fqn, p in self.targets.items():
+        for fqn in self.targets:
             if fqn in self._delivered:
                 continue
             stats = self._pending.pop(fqn, None)
             if stats is None:  # unused on this rank: zeros keep the collective identical on every rank
-                stats = [torch.zeros(p.shape, dtype=self.dtype, device=self.state.local_counts["weight"].device)
+                shape = self.placement.shapes[fqn]
+                stats = [torch.zeros(shape, dtype=self.dtype, device=self.state.local_counts["weight"].device)
                          for _ in self.spec.stats]
             leftovers[fqn] = stats
         for fqn, frags in reduce_scatter_to_owners(leftovers, self.placement, self.backend.group).items():

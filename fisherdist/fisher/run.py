@@ -14,14 +14,15 @@ from fisherdist.fisher.loss import model_labels, per_sample_nll
 from fisherdist.fisher.spec import LABEL_SOURCE, FisherSpec
 
 
-def _loss(nll: torch.Tensor, labels: torch.Tensor, spec: FisherSpec) -> torch.Tensor:
-    """The loss whose gradient each granularity squares (see ``FisherSpec``)."""
+def _loss(nll: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, spec: FisherSpec) -> torch.Tensor:
+    """The loss whose gradient each granularity squares: the sum of per-sample means (sample), the
+    micro-batch's token mean (token-weighted microbatch) or its sample mean (microbatch, batch)."""
     if spec.granularity == "sample":
         return nll.sum()
     if spec.granularity == "microbatch" and spec.token_weighted:
-        tokens = (labels[:, 1:] != -100).sum(1).to(nll.dtype)
+        tokens = (labels[:, 1:] != -100).sum(1).to(nll.dtype) * valid
         return (nll * tokens).sum() / tokens.sum().clamp_min(1)
-    return nll.mean()
+    return nll.sum() / valid.sum().clamp_min(1)
 
 
 def _any_rank(flag: torch.Tensor) -> bool:
@@ -42,21 +43,23 @@ def fisher_step(wrapped: object, acc: FisherAccumulator, batch: dict[str, torch.
     backward = getattr(wrapped, "backward", lambda loss: loss.backward())
     spec = acc.spec
     ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    valid = batch.get("valid", torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device))
     for _ in range(spec.mc_samples):
         logits = module(input_ids=ids, attention_mask=mask).logits
         used = model_labels(logits, labels, LABEL_SOURCE[spec.estimator], generator)
         nll = per_sample_nll(logits, used)
-        bad = ~torch.isfinite(nll)
+        bad = ~torch.isfinite(nll) & valid
         if _any_rank(bad.any()):
             keep = ~bad
             acc.state.count(skipped=bad.sum().to(torch.float64))
-            ids, used = ids[keep], used[keep]
+            ids, used, valid = ids[keep], used[keep], valid[keep]
             mask = mask[keep] if mask is not None else None
             del logits
             logits = module(input_ids=ids, attention_mask=mask).logits
             nll = per_sample_nll(logits, used)
-        with acc.record(used):
-            backward(_loss(nll, used, spec))
+        nll = torch.where(valid, nll, torch.zeros_like(nll))  # padding samples carry no loss
+        with acc.record(used, valid=valid):
+            backward(_loss(nll, used, valid, spec))
         acc.step()
         zero = getattr(wrapped, "zero_grad", None)
         if zero is not None:

@@ -92,13 +92,16 @@ class FisherState:
     # -- checkpoint (Stateful) ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         rank = self.placement.rank
-        stats = {
-            s: {
-                f: _sharded(buf, self.placement.fragment(f), int(torch.Size(self.placement.shapes[f]).numel()), rank, self.group)
-                for f, buf in per_fqn.items()
+        if self.placement.world == 1:  # a whole tensor; DCP still reshards it into N-rank fragments on load
+            stats = {s: dict(per_fqn) for s, per_fqn in self.buffers.items()}
+        else:
+            stats = {
+                s: {
+                    f: _sharded(buf, self.placement.fragment(f), int(torch.Size(self.placement.shapes[f]).numel()), rank, self.group)
+                    for f, buf in per_fqn.items()
+                }
+                for s, per_fqn in self.buffers.items()
             }
-            for s, per_fqn in self.buffers.items()
-        }
         counts = {c: torch.tensor(v, dtype=torch.float64) for c, v in self.global_counts().items()}
         return {"stats": stats, "counts": counts, "meta": json.dumps(self.meta, sort_keys=True)}
 
@@ -112,9 +115,12 @@ class FisherState:
                 )
         for s, per_fqn in state["stats"].items():
             for f, st in per_fqn.items():
-                local = st.local_shards()
-                if local:
-                    self.buffers[s][f].copy_(local[0].tensor)
+                if isinstance(st, ShardedTensor):
+                    local = st.local_shards()
+                    if local:
+                        self.buffers[s][f].copy_(local[0].tensor)
+                else:
+                    self.buffers[s][f].copy_(st)
         self.base_counts = {c: float(state["counts"][c]) for c in COUNTERS}
         for c in COUNTERS:
             self.local_counts[c].zero_()

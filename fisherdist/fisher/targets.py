@@ -11,15 +11,15 @@ from fisherdist.errors import FisherdistError
 
 
 def clean_fqn(name: str) -> str:
-    """Strip wrapper prefixes (FSDP1, DDP, torch.compile, activation checkpointing) from a parameter name."""
+    """Strip wrapper prefixes (FSDP1, activation checkpointing, torch.compile) from a parameter name."""
     for token in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(token, "")
-    return name.removeprefix("module.") if name.startswith("module.") else name
+    return name
 
 
 def select_targets(model: nn.Module, patterns: list[str]) -> dict[str, nn.Parameter]:
     """``{fqn: param}`` for every parameter whose name matches a pattern; every pattern must match."""
-    named = {name: p for name, p in model.named_parameters(remove_duplicate=True)}
+    named = {clean_fqn(name): p for name, p in model.named_parameters(remove_duplicate=True)}
     chosen: dict[str, nn.Parameter] = {}
     for pattern in patterns:
         hits = [n for n in named if fnmatch.fnmatchcase(n, pattern)]
@@ -34,5 +34,5 @@ def select_targets(model: nn.Module, patterns: list[str]) -> dict[str, nn.Parame
 
 
 def param_shape(p: torch.Tensor) -> tuple[int, ...]:
-    """The global (unsharded) shape, also for DTensor parameters."""
-    return tuple(p.shape)
+    """The global (unsharded) shape, also for DTensor and DeepSpeed ZeRO-3 (``ds_shape``) parameters."""
+    return tuple(getattr(p, "ds_shape", None) or p.shape)

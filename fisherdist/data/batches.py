@@ -1,0 +1,65 @@
+"""Turning JSONL records into per-rank micro-batches: one record is one sample, never packed.
+
+Every rank gets the same number of micro-batches (collectives must line up); the last ones are topped up
+with copies marked ``valid=False``, which carry no loss and are not counted.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fisherdist.data.jsonl import read_jsonl
+from fisherdist.errors import FisherdistError
+
+
+def load_texts(path: str | Path, field: str, num_samples: int | None = None, shuffle: bool = False, seed: int = 0) -> list[str]:
+    """The ``field`` of the first ``num_samples`` records (file order unless ``shuffle``)."""
+    records = read_jsonl(path)
+    if shuffle:
+        random.Random(seed).shuffle(records)
+    if num_samples is not None:
+        records = records[:num_samples]
+    texts = []
+    for i, rec in enumerate(records, start=1):
+        value = rec.get(field)
+        if not isinstance(value, str) or not value:
+            raise FisherdistError(f"{path}: record {i} has no non-empty string field {field!r} (data.field)")
+        texts.append(value)
+    if not texts:
+        raise FisherdistError(f"{path}: no records to read")
+    return texts
+
+
+def tokenize(texts: list[str], tokenizer: Any, max_length: int) -> list[list[int]]:
+    """Token ids per record, truncated to ``max_length`` (BOS added as the tokenizer does)."""
+    return [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+
+
+def collate(samples: list[list[int]], pad_id: int, valid: list[bool]) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding) and ``valid``."""
+    width = max(len(s) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "valid": torch.tensor(valid)}
+
+
+def rank_batches(token_lists: list[list[int]], batch_size: int, rank: int, world: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches: step s holds records ``[(s*world + rank)*batch_size, ... + batch_size)``."""
+    per_step = batch_size * world
+    steps = -(-len(token_lists) // per_step)
+    batches = []
+    for s in range(steps):
+        lo = (s * world + rank) * batch_size
+        idx = list(range(lo, lo + batch_size))
+        valid = [i < len(token_lists) for i in idx]
+        samples = [token_lists[i] if ok else token_lists[0] for i, ok in zip(idx, valid)]
+        batches.append(collate(samples, pad_id, valid))
+    return batches

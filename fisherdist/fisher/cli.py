@@ -1,0 +1,58 @@
+"""``fisherdist fisher CONFIG [key=value ...]`` (a standalone estimation run) and ``fisherdist export``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pydantic import Field
+
+from fisherdist.config import DataConfig, DistConfig, ModelConfig, Section, dump_config, load_config
+from fisherdist.fisher.spec import FisherSpec
+
+
+class FisherRunConfig(Section):
+    """Schema of ``configs/fisher/*.yaml``."""
+
+    model: ModelConfig
+    data: DataConfig
+    fisher: FisherSpec = Field(default_factory=FisherSpec)
+    dist: DistConfig = Field(default_factory=DistConfig)
+    out: str = Field(description="output directory: fisher/ (DCP state), summary.json, config.yaml")
+    checkpoint_every: int = Field(0, ge=0, description="save the state every N micro-batch steps (0: only at the end)")
+    resume: bool = Field(True, description="continue from out/fisher if it exists (adds to its counts)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(FisherRunConfig, args.config, args.overrides)
+    from fisherdist.dist.spawn import maybe_spawn
+
+    code = maybe_spawn(cfg.dist.nproc, ["fisher", args.config, *args.overrides])
+    if code is not None:
+        return code
+    from fisherdist.fisher.estimate_run import run_fisher
+
+    run_fisher(cfg, dump_config(cfg))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fisherdist.fisher.export import export_safetensors
+
+    path = export_safetensors(Path(args.dir), Path(args.out))
+    print(f"wrote {path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fisher", help="estimate a sharded Fisher over a dataset (configs/fisher/tiny.yaml)")
+    p.add_argument("config", help="YAML config (see configs/fisher/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. dist.backend=fsdp2 dist.nproc=2")
+    p.set_defaults(func=_run)
+    e = sub.add_parser("export", help="write a Fisher checkpoint as one float32 tensor per parameter (safetensors)")
+    e.add_argument("dir", help="a run's out/ directory or its out/fisher checkpoint")
+    e.add_argument("--out", required=True, help="FILE.safetensors")
+    e.set_defaults(func=_export)
+
+

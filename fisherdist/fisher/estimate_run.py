@@ -1,0 +1,95 @@
+"""The body of ``fisherdist fisher``: load, wrap, shard the data, accumulate, checkpoint, summarise."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fisherdist.data.batches import load_texts, rank_batches, tokenize
+from fisherdist.dist.env import init_distributed
+from fisherdist.dist.wrap import wrap_model
+from fisherdist.fisher.accumulator import FisherAccumulator
+from fisherdist.fisher.checkpoint import load_fisher, save_fisher
+from fisherdist.fisher.run import check_health, fisher_step
+from fisherdist.models.load import load_model_and_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _summary(acc: FisherAccumulator, seconds: float) -> dict:
+    """Per-parameter norms and maxima of the mean Fisher, computed shard-locally and reduced as scalars."""
+    counts = acc.state.global_counts()
+    rows = {}
+    for fqn in acc.targets:
+        f = acc.fisher(fqn, weight=counts["weight"])
+        v = torch.stack([f.double().pow(2).sum(), f.double().abs().max() if f.numel() else f.new_zeros((), dtype=torch.float64)])
+        if dist.is_initialized():
+            dist.all_reduce(v[:1])
+            dist.all_reduce(v[1:], op=dist.ReduceOp.MAX)
+        rows[fqn] = {"norm": float(v[0].sqrt()), "max": float(v[1])}
+    local = acc.placement.local_numel()
+    return {"counts": counts, "seconds": round(seconds, 2), "params": rows,
+            "numel_total": acc.placement.total_numel(), "numel_local_rank0": local, "meta": acc.state.meta}
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Fisher summary (mean convention)")
+    for col in ("parameter", "norm", "max"):
+        table.add_column(col)
+    for fqn, row in list(summary["params"].items())[:12]:
+        table.add_row(fqn, f"{row['norm']:.3e}", f"{row['max']:.3e}")
+    if len(summary["params"]) > 12:
+        table.add_row(f"... {len(summary['params']) - 12} more", "", "")
+    console = Console()
+    console.print(table)
+    c = summary["counts"]
+    console.print(f"samples {int(c['samples'])}, tokens {int(c['tokens'])}, skipped {int(c['skipped'])}, "
+                  f"{summary['seconds']} s; rank 0 holds {summary['numel_local_rank0']:,} of "
+                  f"{summary['numel_total']:,} Fisher elements")
+
+
+def run_fisher(cfg, config_text: str) -> dict:  # noqa: ANN001 - FisherRunConfig (cli.py) imports this module
+    env = init_distributed()
+    torch.manual_seed(cfg.fisher.seed)
+    out = Path(cfg.out)
+    model, tokenizer = load_model_and_tokenizer(cfg.model.path, dtype=DTYPES[cfg.model.dtype])
+    model.to(env.device)
+    wrapped = wrap_model(model, cfg.dist.backend)
+    acc = FisherAccumulator(wrapped, cfg.fisher)
+    ckpt = out / "fisher"
+    if cfg.resume and (ckpt / ".metadata").is_file():
+        load_fisher(acc.state, ckpt)
+    counts = acc.state.global_counts()
+    consumed = int(counts["samples"] + counts["skipped"])  # resume position, independent of the world size
+    texts = load_texts(cfg.data.path, cfg.data.field, cfg.data.num_samples, cfg.data.shuffle, cfg.data.seed)
+    tokens = tokenize(texts[consumed:], tokenizer, cfg.data.max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = rank_batches(tokens, cfg.data.batch_size, env.rank, env.world_size, pad) if tokens else []
+    from rich.progress import Progress
+
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(cfg.fisher.seed + env.rank)
+    with Progress(disable=env.rank != 0, transient=True) as bar:
+        task = bar.add_task(f"fisher ({cfg.fisher.estimator}, {cfg.fisher.granularity})", total=len(batches))
+        for step, batch in enumerate(batches, start=1):
+            fisher_step(wrapped, acc, {k: v.to(env.device) for k, v in batch.items()}, generator)
+            bar.advance(task)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save_fisher(acc.state, ckpt)
+    check_health(acc)
+    save_fisher(acc.state, ckpt)
+    summary = _summary(acc, time.perf_counter() - start)
+    if env.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_text)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        _print_summary(summary)
+    acc.close()
+    return summary

@@ -1,0 +1,50 @@
+"""Export a Fisher checkpoint as safetensors: one float32 tensor per target parameter, MEAN convention.
+
+Tensors are named as in the unwrapped model's ``named_parameters()`` and shaped like the parameter;
+F = (1/N) sum_i g_i * g_i for the diagonal estimators (centered: minus the squared mean, clamped at 0;
+rank1: the mean gradient). The metadata (estimator, granularity, counts, backend, ...) goes in the header.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fisherdist.errors import FisherdistError
+from fisherdist.fisher.checkpoint import read_fisher
+
+
+def mean_fisher(stats: dict[str, dict[str, torch.Tensor]], estimator: str, weight: float) -> dict[str, torch.Tensor]:
+    """The estimator's mean-convention value from the saved running sums."""
+    if weight <= 0:
+        raise FisherdistError("the Fisher checkpoint holds no samples (counts.weight is 0)")
+    if estimator == "rank1":
+        return {f: t / weight for f, t in stats["first"].items()}
+    out = {}
+    for f, sq in stats["sq"].items():
+        value = sq / weight
+        if estimator == "centered":
+            value = (value - (stats["first"][f] / weight) ** 2).clamp_min(0)
+        out[f] = value
+    return out
+
+
+def export_safetensors(src: Path, out: Path) -> Path:
+    ckpt = src / "fisher" if (src / "fisher" / ".metadata").is_file() else src
+    stats, counts, meta = read_fisher(ckpt)
+    shapes = {f: tuple(s) for f, s in meta.get("shapes", {}).items()}
+    tensors = {}
+    for fqn, value in mean_fisher(stats, meta["estimator"], counts["weight"]).items():
+        shape = shapes.get(fqn, tuple(value.shape))
+        tensors[fqn] = value.to(torch.float32).reshape(shape).contiguous()
+    header = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items() if k != "shapes"}
+    header.update({f"counts.{k}": repr(v) for k, v in counts.items()})
+    header["convention"] = "mean: F = (1/N) sum_i w_i g_i^2 (N = counts.weight)"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=header)
+    tmp.replace(out)
+    return out
