@@ -4,7 +4,7 @@
 from fisherdist.fisher.accumulator import FisherAccumulator
 from fisherdist.fisher.layout import Fragment, Placement
 from fisherdist.fisher.loss import model_labels, per_sample_nll
-from fisherdist.fisher.run import estimate_fisher, fisher_step
+from fisherdist.fisher.run import estimate_fisher, fisher_step, make_accumulator
 from fisherdist.fisher.spec import FisherSpec
 from fisherdist.fisher.state import FisherState
 
@@ -16,6 +16,7 @@ __all__ = [
     "Placement",
     "estimate_fisher",
     "fisher_step",
+    "make_accumulator",
     "model_labels",
     "per_sample_nll",
 ]

@@ -1,7 +1,8 @@
 """FisherAccumulator: the public API that wraps a user's training loop.
 
     acc = FisherAccumulator(model_or_wrapped, FisherSpec(...))
-    with acc.record(labels):          # hooks act only inside
+    with acc.record(labels):          # hooks act only inside: forward and backward
+        loss = loss_fn(w.module(ids))
         w.backward(loss)
     acc.step()                        # closes the micro-batch / optimizer step
 
@@ -56,10 +57,11 @@ class FisherAccumulator:
         }
         self.state = FisherState(
             self.placement, spec.stats, meta, dtype=self.dtype, device=device,
-            counts_are_global=spec.granularity == "batch", group=self.backend.group,
+            replicated_counters=("weight", "steps") if spec.granularity == "batch" else (), group=self.backend.group,
         )
         self._recording = False
         self._weight: torch.Tensor | None = None
+        self._counts: dict[str, torch.Tensor] = {}
         self._pending: dict[str, list[torch.Tensor]] = {}
         self._delivered: set[str] = set()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -126,12 +128,14 @@ class FisherAccumulator:
 
     # -- the loop -----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def record(self, labels: torch.Tensor | None = None, *, valid: torch.Tensor | None = None) -> Iterator[None]:
+    def record(self, labels: torch.Tensor | None = None, *, valid: torch.Tensor | None = None,
+               loss_scale: float = 1.0) -> Iterator[None]:
         """Accumulate the backward run inside this block; ``labels`` give token counts, ``valid`` masks
         padding samples (weight 0, not counted).
 
-        At sample granularity the backpropagated loss must be the SUM over samples of each sample's mean
-        token NLL (:func:`fisherdist.fisher.loss.per_sample_nll`), so captured gradients are per-sample.
+        At sample granularity the backpropagated loss must be ``loss_scale`` times the SUM over samples of
+        each sample's mean token NLL (:func:`fisherdist.fisher.loss.per_sample_nll`); a training loop that
+        backpropagates the batch mean passes ``loss_scale=1/B``.
         """
         if labels is None and (self.spec.token_weighted or self.spec.granularity == "sample"):
             raise FisherdistError("FisherAccumulator.record() needs labels for sample or token-weighted statistics")
@@ -141,7 +145,7 @@ class FisherAccumulator:
             mask = mask * valid.to(mask)
         if self.spec.granularity == "sample":
             weights = mask * tokens if self.spec.token_weighted else mask
-            self._persample.set_batch(weights.to(self.dtype), grad_scale=self.backend.grad_scale)
+            self._persample.set_batch(weights.to(self.dtype), grad_scale=self.backend.grad_scale / loss_scale)
             self._weight = weights.sum()
         elif self.spec.granularity == "microbatch":
             # an all-padding micro-batch (uneven data across ranks) carries no gradient and no weight
@@ -149,8 +153,8 @@ class FisherAccumulator:
         else:
             self._weight = torch.ones((), dtype=torch.float64)
         self._weight = self._weight.to(self.dtype)
-        if tokens is not None:
-            self.state.count(samples=mask.sum(), tokens=(tokens * mask).sum())
+        # counted at step(), so a record() left without a backward (NaN retry) counts nothing
+        self._counts = {"samples": mask.sum(), "tokens": (tokens * mask).sum()} if tokens is not None else {}
         self._recording = True
         if self._persample is not None:
             self._persample.attach()
@@ -171,7 +175,7 @@ class FisherAccumulator:
                 g = g.to(self.dtype)
                 for stat in self.spec.stats:
                     self.state.add(stat, fqn, g * g if stat == "sq" else g)
-            self.state.count(weight=1.0, steps=1.0)
+            self.state.count(weight=1.0, steps=1.0, **self._counts)
             return
         leftovers = {}
         for fqn in self.targets:
@@ -185,7 +189,8 @@ class FisherAccumulator:
             leftovers[fqn] = stats
         for fqn, frags in reduce_scatter_to_owners(leftovers, self.placement, self.backend.group).items():
             self.deliver(fqn, frags)
-        self.state.count(weight=self._weight if self._weight is not None else 0.0, steps=1.0)
+        self.state.count(weight=self._weight if self._weight is not None else 0.0, steps=1.0, **self._counts)
+        self._counts = {}
         self._pending.clear()
         self._delivered.clear()
 
@@ -196,9 +201,10 @@ class FisherAccumulator:
     def num_samples(self) -> float:
         return self.state.global_counts()["samples"]
 
-    def fisher(self, fqn: str, *, weight: float | None = None) -> torch.Tensor:
-        """This rank's fragment in the MEAN convention (estimator-specific, see ``FisherSpec``)."""
-        n = weight if weight is not None else self.state.global_counts()["weight"]
+    def fisher(self, fqn: str, *, counts: dict[str, float] | None = None) -> torch.Tensor:
+        """This rank's fragment in the MEAN convention (estimator-specific, see ``FisherSpec``); pass
+        ``counts`` (``state.global_counts()``) when reading many parameters to avoid a collective each."""
+        n = (counts or self.state.global_counts())["weight"]
         if n <= 0:
             raise FisherdistError("no samples accumulated yet")
         b = self.state.buffers

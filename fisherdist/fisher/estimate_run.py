@@ -14,7 +14,7 @@ from fisherdist.dist.env import init_distributed
 from fisherdist.dist.wrap import wrap_model
 from fisherdist.fisher.accumulator import FisherAccumulator
 from fisherdist.fisher.checkpoint import load_fisher, save_fisher
-from fisherdist.fisher.run import check_health, fisher_step
+from fisherdist.fisher.run import check_health, fisher_step, make_accumulator
 from fisherdist.models.load import load_model_and_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -24,8 +24,8 @@ def _summary(acc: FisherAccumulator, seconds: float) -> dict:
     """Per-parameter norms and maxima of the mean Fisher, computed shard-locally and reduced as scalars."""
     counts = acc.state.global_counts()
     rows = {}
-    for fqn in acc.targets:
-        f = acc.fisher(fqn, weight=counts["weight"])
+    for fqn in acc.placement.shapes:
+        f = acc.fisher(fqn, counts=counts)
         v = torch.stack([f.double().pow(2).sum(), f.double().abs().max() if f.numel() else f.new_zeros((), dtype=torch.float64)])
         if dist.is_initialized():
             dist.all_reduce(v[:1])
@@ -62,7 +62,7 @@ def run_fisher(cfg, config_text: str) -> dict:  # noqa: ANN001 - FisherRunConfig
     model, tokenizer = load_model_and_tokenizer(cfg.model.path, dtype=DTYPES[cfg.model.dtype])
     model.to(env.device)
     wrapped = wrap_model(model, cfg.dist.backend)
-    acc = FisherAccumulator(wrapped, cfg.fisher)
+    acc = make_accumulator(wrapped, cfg.fisher)
     ckpt = out / "fisher"
     if cfg.resume and (ckpt / ".metadata").is_file():
         load_fisher(acc.state, ckpt)

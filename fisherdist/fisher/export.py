@@ -1,6 +1,7 @@
 """Export a Fisher checkpoint as safetensors: one float32 tensor per target parameter, MEAN convention.
 
-Tensors are named as in the unwrapped model's ``named_parameters()`` and shaped like the parameter;
+Tensors are named as in the unwrapped model's ``named_parameters()`` and shaped like the parameter
+(K-FAC: ``<layer>.A`` and ``<layer>.G``, square);
 F = (1/N) sum_i g_i * g_i for the diagonal estimators (centered: minus the squared mean, clamped at 0;
 rank1: the mean gradient). The metadata (estimator, granularity, counts, backend, ...) goes in the header.
 """
@@ -23,6 +24,8 @@ def mean_fisher(stats: dict[str, dict[str, torch.Tensor]], estimator: str, weigh
         raise FisherdistError("the Fisher checkpoint holds no samples (counts.weight is 0)")
     if estimator == "rank1":
         return {f: t / weight for f, t in stats["first"].items()}
+    if estimator == "kfac":
+        raise AssertionError("K-FAC factors are normalised by kfac_factors()")
     out = {}
     for f, sq in stats["sq"].items():
         value = sq / weight
@@ -32,12 +35,18 @@ def mean_fisher(stats: dict[str, dict[str, torch.Tensor]], estimator: str, weigh
     return out
 
 
+def kfac_factors(stats: dict[str, dict[str, torch.Tensor]], counts: dict[str, float]) -> dict[str, torch.Tensor]:
+    """``layer.A`` = sum a a^T / tokens, ``layer.G`` = sum g g^T / samples."""
+    return {f: t / (counts["tokens"] if f.endswith(".A") else counts["samples"]) for f, t in stats["sum"].items()}
+
+
 def export_safetensors(src: Path, out: Path) -> Path:
     ckpt = src / "fisher" if (src / "fisher" / ".metadata").is_file() else src
     stats, counts, meta = read_fisher(ckpt)
     shapes = {f: tuple(s) for f, s in meta.get("shapes", {}).items()}
+    values = kfac_factors(stats, counts) if meta["estimator"] == "kfac" else mean_fisher(stats, meta["estimator"], counts["weight"])
     tensors = {}
-    for fqn, value in mean_fisher(stats, meta["estimator"], counts["weight"]).items():
+    for fqn, value in values.items():
         shape = shapes.get(fqn, tuple(value.shape))
         tensors[fqn] = value.to(torch.float32).reshape(shape).contiguous()
     header = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items() if k != "shapes"}

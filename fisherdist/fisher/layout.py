@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -85,6 +86,30 @@ class Placement:
         gathered: list[dict[str, tuple[int, int]]] = [{} for _ in range(world)]
         dist.all_gather_object(gathered, {f: local.get(f, (0, 0)) for f in shapes}, group=group)
         return cls(rank, world, dict(shapes), {f: [g[f] for g in gathered] for f in shapes})
+
+    @classmethod
+    def owned(cls, shapes: dict[str, tuple[int, ...]], rank: int, world: int,
+              group_of: Callable[[str], str] = lambda f: f) -> "Placement":
+        """Whole tensors, each on one owner rank, for statistics that are inverted whole (Kronecker
+        factors). Tensors with the same ``group_of`` key share an owner; groups go largest first onto the
+        least loaded rank (KAISA-style greedy balancing)."""
+        sizes: dict[str, int] = {}
+        for fqn, shape in shapes.items():
+            sizes[group_of(fqn)] = sizes.get(group_of(fqn), 0) + math.prod(shape)
+        load = [0] * world
+        owner_of: dict[str, int] = {}
+        for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+            owner_of[key] = min(range(world), key=lambda r: (load[r], r))
+            load[owner_of[key]] += sizes[key]
+        ranges = {
+            f: [(0, math.prod(s)) if r == owner_of[group_of(f)] else (0, 0) for r in range(world)]
+            for f, s in shapes.items()
+        }
+        return cls(rank, world, dict(shapes), ranges)
+
+    def owner(self, fqn: str) -> int:
+        """The rank holding most of ``fqn`` (all of it for ``owned`` placements)."""
+        return max(range(self.world), key=lambda r: self.ranges[fqn][r][1])
 
     def fragment(self, fqn: str) -> Fragment:
         start, numel = self.ranges[fqn][self.rank]

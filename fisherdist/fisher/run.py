@@ -14,6 +14,15 @@ from fisherdist.fisher.loss import model_labels, per_sample_nll
 from fisherdist.fisher.spec import LABEL_SOURCE, FisherSpec
 
 
+def make_accumulator(wrapped: object, spec: FisherSpec) -> FisherAccumulator:
+    """A diagonal / rank-1 accumulator, or Kronecker factors for ``estimator: kfac`` (same loop surface)."""
+    if spec.estimator == "kfac":
+        from fisherdist.fisher.kfac import KroneckerFactors
+
+        return KroneckerFactors(wrapped, spec)  # type: ignore[return-value]
+    return FisherAccumulator(wrapped, spec)
+
+
 def _loss(nll: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, spec: FisherSpec) -> torch.Tensor:
     """The loss whose gradient each granularity squares: the sum of per-sample means (sample), the
     micro-batch's token mean (token-weighted microbatch) or its sample mean (microbatch, batch)."""
@@ -36,8 +45,9 @@ def _any_rank(flag: torch.Tensor) -> bool:
 def fisher_step(wrapped: object, acc: FisherAccumulator, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> None:
     """One micro-batch: forward, (sampled) labels, the granularity's loss, backward, ``acc.step()``.
 
-    Samples whose loss is NaN/inf are dropped from the batch before the backward pass that is recorded
-    (they would poison every sum), and counted in ``counts.skipped``.
+    Forward and backward both run inside ``acc.record`` (per-sample and K-FAC hooks read activations).
+    Samples whose loss is NaN/inf are dropped and the forward is redone without them before anything is
+    recorded (they would poison every sum); they are counted in ``counts.skipped``.
     """
     module = getattr(wrapped, "module", wrapped)
     backward = getattr(wrapped, "backward", lambda loss: loss.backward())
@@ -45,21 +55,22 @@ def fisher_step(wrapped: object, acc: FisherAccumulator, batch: dict[str, torch.
     ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
     valid = batch.get("valid", torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device))
     for _ in range(spec.mc_samples):
-        logits = module(input_ids=ids, attention_mask=mask).logits
-        used = model_labels(logits, labels, LABEL_SOURCE[spec.estimator], generator)
-        nll = per_sample_nll(logits, used)
-        bad = ~torch.isfinite(nll) & valid
-        if _any_rank(bad.any()):
+        for attempt in range(2):
+            with acc.record(labels, valid=valid):
+                logits = module(input_ids=ids, attention_mask=mask).logits
+                used = model_labels(logits, labels, LABEL_SOURCE[spec.estimator], generator)
+                nll = per_sample_nll(logits, used)
+                bad = ~torch.isfinite(nll) & valid
+                if attempt == 0 and _any_rank(bad.any()):
+                    del logits, nll  # leave without a backward: nothing is recorded
+                else:
+                    nll = torch.where(valid, nll, torch.zeros_like(nll))  # padding samples carry no loss
+                    backward(_loss(nll, used, valid, spec))
+                    break
             keep = ~bad
             acc.state.count(skipped=bad.sum().to(torch.float64))
-            ids, used, valid = ids[keep], used[keep], valid[keep]
+            ids, labels, valid = ids[keep], labels[keep], valid[keep]
             mask = mask[keep] if mask is not None else None
-            del logits
-            logits = module(input_ids=ids, attention_mask=mask).logits
-            nll = per_sample_nll(logits, used)
-        nll = torch.where(valid, nll, torch.zeros_like(nll))  # padding samples carry no loss
-        with acc.record(used, valid=valid):
-            backward(_loss(nll, used, valid, spec))
         acc.step()
         zero = getattr(wrapped, "zero_grad", None)
         if zero is not None:
@@ -90,7 +101,7 @@ def estimate_fisher(wrapped: object, batches: Iterable[dict[str, torch.Tensor]],
     """Accumulate ``spec`` over ``batches`` (this rank's micro-batches) and return the accumulator."""
     from rich.progress import Progress
 
-    acc = acc or FisherAccumulator(wrapped, spec)
+    acc = acc or make_accumulator(wrapped, spec)
     generator = torch.Generator().manual_seed(spec.seed + (dist.get_rank() if dist.is_initialized() else 0))
     show = progress and (not dist.is_initialized() or dist.get_rank() == 0)
     with Progress(disable=not show, transient=True) as bar:

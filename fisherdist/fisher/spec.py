@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from fisherdist.config import Section
 
-Estimator = Literal["empirical", "centered", "true", "pseudo", "rank1"]
+Estimator = Literal["empirical", "centered", "true", "pseudo", "rank1", "kfac"]
 Granularity = Literal["sample", "microbatch", "batch"]
 
 # Which running sums each estimator needs: "sq" = sum_i w_i g_i**2, "first" = sum_i w_i g_i.
@@ -18,6 +18,7 @@ ESTIMATOR_STATS: dict[str, tuple[str, ...]] = {
     "pseudo": ("sq",),
     "centered": ("sq", "first"),
     "rank1": ("first",),
+    "kfac": ("sum",),  # Kronecker factors A and G of Linear layers (fisher/kfac.py)
 }
 
 # Where labels come from: the data, the model's own samples (true Fisher), or its argmax (pseudo-label).
@@ -27,6 +28,7 @@ LABEL_SOURCE: dict[str, str] = {
     "rank1": "data",
     "true": "sampled",
     "pseudo": "argmax",
+    "kfac": "data",
 }
 
 
@@ -46,6 +48,8 @@ class FisherSpec(Section):
     def _compatible(self) -> "FisherSpec":
         if self.granularity == "batch" and self.token_weighted:
             raise ValueError("token_weighted applies to sample and microbatch granularity, not batch")
+        if self.estimator == "kfac" and self.granularity != "sample":
+            raise ValueError("estimator kfac builds factors from per-token activations: use granularity sample")
         if self.mc_samples > 1 and self.estimator != "true":
             raise ValueError(f"mc_samples={self.mc_samples} only applies to estimator 'true'")
         return self

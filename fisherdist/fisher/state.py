@@ -44,15 +44,16 @@ class FisherState:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        counts_are_global: bool = False,
+        replicated_counters: tuple[str, ...] = (),
         group: dist.ProcessGroup | None = None,
     ) -> None:
         self.placement = placement
         self.stats = stats
         self.meta = dict(meta)
         self.group = group
-        # batch granularity sees the already-reduced gradient: every rank counts the same step once.
-        self.counts_are_global = counts_are_global
+        # batch granularity sees the already-reduced gradient: every rank counts the same step once, so
+        # its weight/steps are replicated while samples/tokens are still per-rank and summed.
+        self.replicated_counters = replicated_counters
         self.buffers: dict[str, dict[str, torch.Tensor]] = {
             s: {f: torch.zeros(placement.fragment(f).numel, dtype=dtype, device=device) for f in placement.shapes}
             for s in stats
@@ -79,12 +80,15 @@ class FisherState:
 
     # -- reading ------------------------------------------------------------------------------------
     def global_counts(self) -> dict[str, float]:
-        """Counts over all ranks (one collective unless the counts are already global)."""
+        """Counts over all ranks (one collective)."""
         local = torch.stack([self.local_counts[c] for c in COUNTERS])
-        if not self.counts_are_global and dist.is_initialized() and self.placement.world > 1:
-            local = local.clone()
-            dist.all_reduce(local, group=self.group)
-        return {c: self.base_counts[c] + float(v) for c, v in zip(COUNTERS, local.tolist())}
+        summed = local.clone()
+        if dist.is_initialized() and self.placement.world > 1:
+            dist.all_reduce(summed, group=self.group)
+        return {
+            c: self.base_counts[c] + float(loc if c in self.replicated_counters else tot)
+            for c, loc, tot in zip(COUNTERS, local.tolist(), summed.tolist())
+        }
 
     def fragment(self, fqn: str) -> Fragment:
         return self.placement.fragment(fqn)
