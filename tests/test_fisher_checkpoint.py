@@ -106,3 +106,26 @@ def test_bad_checkpoints_are_reported(tmp_path):
     fresh = FisherAccumulator(tiny_llama(), FisherSpec(**SPEC))
     with pytest.raises(CheckpointError, match="shard files"):
         load_fisher(fresh.state, broken)
+
+
+def test_interrupted_save_keeps_the_last_complete_checkpoint(tmp_path, monkeypatch):
+    ck = tmp_path / "fisher"
+    first = run_phase(1, "none", 0, 6, 3, save=str(ck))
+    import torch.distributed.checkpoint as dcp_module
+
+    def crash(state_dict, checkpoint_id):  # writes part of a checkpoint, then dies
+        (tmp_path / ".fisher.tmp").mkdir(exist_ok=True)
+        (tmp_path / ".fisher.tmp" / "__0_0.distcp").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    acc = FisherAccumulator(tiny_llama(), FisherSpec(**SPEC))
+    monkeypatch.setattr(dcp_module, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_fisher(acc.state, ck)
+    monkeypatch.undo()
+    reloaded = FisherAccumulator(tiny_llama(), FisherSpec(**SPEC))
+    load_fisher(reloaded.state, ck)  # the previous checkpoint is intact
+    for n, got in first["full"].items():
+        assert_rel_close(reloaded.full_fisher(n), got, n, tol=1e-12)
+    save_fisher(reloaded.state, ck)  # and the leftover temporary directory does not block the next save
+    assert not (tmp_path / ".fisher.tmp").exists()

@@ -12,26 +12,17 @@ from typing import Any
 
 import torch
 
-from fisherdist.data.jsonl import read_jsonl
-from fisherdist.errors import FisherdistError
+from fisherdist.data.jsonl import read_records
 
 
 def load_texts(path: str | Path, field: str, num_samples: int | None = None, shuffle: bool = False, seed: int = 0) -> list[str]:
     """The ``field`` of the first ``num_samples`` records (file order unless ``shuffle``)."""
-    records = read_jsonl(path)
+    records = read_records(path, [field])
     if shuffle:
         random.Random(seed).shuffle(records)
     if num_samples is not None:
         records = records[:num_samples]
-    texts = []
-    for i, rec in enumerate(records, start=1):
-        value = rec.get(field)
-        if not isinstance(value, str) or not value:
-            raise FisherdistError(f"{path}: record {i} has no non-empty string field {field!r} (data.field)")
-        texts.append(value)
-    if not texts:
-        raise FisherdistError(f"{path}: no records to read")
-    return texts
+    return [rec[field] for rec in records]
 
 
 def tokenize(texts: list[str], tokenizer: Any, max_length: int) -> list[list[int]]:
