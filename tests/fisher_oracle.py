@@ -39,6 +39,8 @@ def micro_batches(n: int, world: int, mb: int) -> list[list[list[int]]]:
 
 def sample_grads(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, names: list[str]) -> list[dict[str, torch.Tensor]]:
     params = dict(model.named_parameters())
+    for n in names:  # the oracle's own copy: frozen PEFT base weights need gradients here
+        params[n].requires_grad_(True)
     out = []
     for i in range(ids.shape[0]):
         loss = per_sample_nll(model(input_ids=ids[i : i + 1]).logits, labels[i : i + 1]).sum()

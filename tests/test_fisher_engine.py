@@ -80,16 +80,34 @@ def test_single_process_matches_oracle(granularity, estimator, token_weighted):
     _check(result, False, spec, 1)
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
+def _params(granularity: str, peft: bool) -> list[str]:
+    if peft and granularity in ("microbatch", "batch"):
+        return ["*lora_A*", "*lora_B*"]  # frozen base weights have no gradient to square
+    return LORA_TARGETS if peft else FULL
+
+
+def run_all_cases(rank: int, world: int, backend: str) -> dict:
+    """Every case in one process group (spawning is the slow part on 2 cores)."""
+    out = {}
+    for granularity, estimator, token_weighted in CASES:
+        for peft in (False, True):
+            spec = dict(granularity=granularity, estimator=estimator, token_weighted=token_weighted,
+                        params=_params(granularity, peft))
+            out[(granularity, estimator, token_weighted, peft)] = run_engine(rank, world, backend, spec, peft)
+    return out
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp2"])
+def sharded_results(request):
+    return request.param, run_distributed(run_all_cases, 2, request.param, timeout=600)
+
+
 @pytest.mark.parametrize("granularity,estimator,token_weighted", CASES)
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
-def test_sharded_matches_oracle(backend, granularity, estimator, token_weighted, peft):
-    if peft and granularity in ("microbatch", "batch"):
-        params = ["*lora_A*", "*lora_B*"]  # frozen base weights have no gradient to square
-    else:
-        params = LORA_TARGETS if peft else FULL
-    spec = dict(granularity=granularity, estimator=estimator, token_weighted=token_weighted, params=params)
-    results = run_distributed(run_engine, 2, backend, spec, peft, timeout=240)
-    _check(results[0], peft, spec, 2)
-    for r in results:  # each rank holds ~1/N of every statistic (+ row padding)
+def test_sharded_matches_oracle(sharded_results, granularity, estimator, token_weighted, peft):
+    _backend, results = sharded_results
+    spec = dict(granularity=granularity, estimator=estimator, token_weighted=token_weighted, params=_params(granularity, peft))
+    per_rank = [r[(granularity, estimator, token_weighted, peft)] for r in results]
+    _check(per_rank[0], peft, spec, 2)
+    for r in per_rank:  # each rank holds ~1/N of every statistic (+ row padding)
         assert r["local"] <= r["total"] / 2 + 256
