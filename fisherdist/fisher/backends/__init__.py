@@ -14,6 +14,8 @@ ADAPTERS = {
     "none": "fisherdist.fisher.backends.single:SingleBackend",
     "ddp": "fisherdist.fisher.backends.ddp:DDPBackend",
     "fsdp2": "fisherdist.fisher.backends.fsdp2:FSDP2Backend",
+    "fsdp1": "fisherdist.fisher.backends.fsdp1:FSDP1Backend",
+    **{f"zero{s}": "fisherdist.fisher.backends.zero:ZeroBackend" for s in (1, 2, 3)},
 }
 
 
