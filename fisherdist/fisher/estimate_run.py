@@ -56,7 +56,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def run_fisher(cfg, config_text: str) -> dict:  # noqa: ANN001 - FisherRunConfig (cli.py) imports this module
-    env = init_distributed()
+    env = init_distributed(require_group=cfg.dist.backend != "none")
     torch.manual_seed(cfg.fisher.seed)
     out = Path(cfg.out)
     model, tokenizer = load_model_and_tokenizer(cfg.model.path, dtype=DTYPES[cfg.model.dtype])
