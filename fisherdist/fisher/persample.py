@@ -59,7 +59,7 @@ def find_targets(model: nn.Module, fqns: list[str]) -> Targets:
     modules: dict[str, nn.Module] = {}
     owners: dict[int, list[str]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
-        clean = clean_fqn(name)
+        clean = clean_fqn(name + ".")[:-1]  # trailing dot: a wrapper's inner module maps to the wrapper's name
         modules[clean] = mod  # the innermost module wins over its wrapper (it comes later)
         for attr, p in mod._parameters.items():
             if p is not None:
@@ -158,7 +158,8 @@ class PerSampleStats:
             return
         self._pending.clear()
         for mod in self._by_module:
-            if self.fused and isinstance(mod, nn.Linear):
+            # only a stock forward may be replaced: subclasses (bitsandbytes Linear4bit, ...) use the hook path
+            if self.fused and isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward:
                 mod.forward = types.MethodType(_fused_forward, mod)
                 mod._fisherdist_persample = self
                 self._swapped.append(mod)
@@ -184,21 +185,12 @@ class PerSampleStats:
     def _forward_hook(self, mod: nn.Module, args: tuple, output: object) -> torch.Tensor | None:
         if not isinstance(output, torch.Tensor) or not torch.is_grad_enabled():
             return None
+        self._enter(mod)
         if not output.requires_grad:  # frozen module fed by frozen inputs: make its output gradient exist
             output = output + self._anchor(output)
-        in_backward = torch._C._current_graph_task_id() != -1
-        if self._pending.get(mod, 0):
-            if in_backward:  # non-reentrant checkpoint recompute: the original capture is used
-                return
-            raise FisherdistError(
-                f"per-sample statistics: module {type(mod).__name__} ({', '.join(self._by_module[mod].values())}) "
-                f"was called twice before its backward; per-sample squares need one call per forward"
-            )
-        self._pending[mod] = 1
         inp = args[0].detach()
 
         def on_grad(gout: torch.Tensor) -> None:
-            self._pending[mod] = 0
             with torch.no_grad():
                 if isinstance(mod, nn.Linear):
                     self._linear_backward(mod, inp, gout, want_grad_sum=False)
@@ -207,6 +199,21 @@ class PerSampleStats:
 
         output.register_hook(on_grad)
         return output
+
+    def _enter(self, mod: nn.Module) -> None:
+        """Refuse a second call of ``mod`` before its backward: per-sample squares need the summed call.
+
+        Calls during backward are checkpoint recomputes: reentrant ones are the only capture, and a
+        non-reentrant recompute's outputs are never backpropagated, so neither is counted.
+        """
+        if torch._C._current_graph_task_id() != -1:
+            return
+        if self._pending.get(mod):
+            raise FisherdistError(
+                f"per-sample statistics: module {type(mod).__name__} ({', '.join(self._by_module[mod].values())}) "
+                f"was called twice before its backward; per-sample squares need one call per forward"
+            )
+        self._pending[mod] = 1
 
     def _anchor(self, like: torch.Tensor) -> torch.Tensor:
         """A 0-d zero leaf that requires grad: added to (or fed into) a module whose output would not
@@ -225,6 +232,7 @@ class PerSampleStats:
         return self._weights.to(device=like.device, dtype=dt)
 
     def _linear_backward(self, mod: nn.Module, x: torch.Tensor, gout: torch.Tensor, *, want_grad_sum: bool) -> torch.Tensor | None:
+        self._pending[mod] = 0
         attrs = self._by_module[mod]
         moments, grad_sum = linear_stats(
             x, gout, self._w(gout), weight_target="weight" in attrs, bias_target="bias" in attrs,
@@ -234,6 +242,7 @@ class PerSampleStats:
         return grad_sum
 
     def _other_stats(self, mod: nn.Module, inp: torch.Tensor, gout: torch.Tensor) -> dict[str, Moments]:
+        self._pending[mod] = 0
         w = self._w(gout)
         if isinstance(mod, nn.Embedding):
             return {"weight": embedding_stats(mod, inp, gout, w, want_first=self.want_first)}
@@ -257,6 +266,7 @@ def _fused_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return F.linear(x, self.weight, self.bias)
     owner: PerSampleStats = self._fisherdist_persample
+    owner._enter(self)
     trainable = x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
     anchor = None if trainable else owner._anchor(x)
     return _FusedLinear.apply(x, self.weight, self.bias, anchor, owner, self)
