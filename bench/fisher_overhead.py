@@ -1,11 +1,13 @@
-"""Training-step time with vs without Fisher accumulation, per backend and granularity, in ONE run.
+"""Training-step time with vs without Fisher accumulation, per backend and granularity, and the cost of
+our per-sample path vs a naive per-example loop, torch.func vmap and Opacus, in ONE run.
 
     python bench/fisher_overhead.py --out bench/results/fisher_overhead.json
 
 Two gloo processes on this machine (1 thread each) train a tiny-world-sized Llama (~5M parameters,
 16 sequences x 64 tokens per micro-batch per rank) with SGD. For every backend x granularity, plain steps
 and accumulating steps alternate on the same model so machine drift hits both equally; the ratio of
-medians is reported. All parameters are targets. Writes JSON and a PNG bar chart next to it.
+medians is reported. All parameters are targets. Then, in the same run, ``bench/persample.py`` times
+our ``sample`` path against the per-example peers on one process. Writes JSON and a PNG bar chart.
 """
 
 from __future__ import annotations
@@ -113,9 +115,12 @@ def main() -> None:
     results = queue.get()
     for p in procs:
         p.join()
+    from bench.persample import measure
     from bench.report import write_report
 
-    write_report(results, Path(args.out), title="Fisher accumulation overhead (2 gloo ranks, CPU)")
+    per_sample = measure(reps=args.steps, warmup=2, threads=2)
+    write_report(results, Path(args.out), title="Fisher accumulation overhead (2 gloo ranks, CPU)",
+                 extra={"per_sample_vs_peers": per_sample})
 
 
 if __name__ == "__main__":

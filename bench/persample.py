@@ -103,15 +103,10 @@ def opacus(model, ids) -> Callable[[], None]:
     return run
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    console = Console()
+def measure(reps: int = 7, warmup: int = 2, threads: int = 2, console: Console | None = None) -> dict:
+    """Time every variant round-robin; print a table; return the JSON-ready result."""
+    torch.set_num_threads(threads)
+    console = console or Console()
     variants = {
         "plain fwd+bwd": plain, "ours (fused Linear)": lambda m, i: ours(m, i, True),
         "ours (hooks only)": lambda m, i: ours(m, i, False), "naive per-example loop": naive,
@@ -128,19 +123,19 @@ def main() -> None:
             runs.pop(name, None)
     times: dict[str, list[float]] = {n: [] for n in runs}
     with console.status("timing") as status:
-        for rep in range(args.warmup + args.reps):
+        for rep in range(warmup + reps):
             for name, run in runs.items():
-                status.update(f"rep {rep + 1}/{args.warmup + args.reps}: {name}")
+                status.update(f"rep {rep + 1}/{warmup + reps}: {name}")
                 t0 = time.perf_counter()
                 run()
-                if rep >= args.warmup:
+                if rep >= warmup:
                     times[name].append(time.perf_counter() - t0)
     base = statistics.median(times["plain fwd+bwd"])
-    table = Table(title=f"per-sample statistics, tiny Llama 16x64, {args.threads} threads, median of {args.reps}")
+    table = Table(title=f"per-sample statistics, tiny Llama 16x64, {threads} threads, median of {reps}")
     best = min(times["plain fwd+bwd"])
     for col in ("variant", "median s", "x plain (median)", "x plain (best)"):
         table.add_column(col, justify="left" if col == "variant" else "right")
-    result = {"threads": args.threads, "reps": args.reps, "batch": [16, 64], "variants": {}, "errors": errors}
+    result = {"threads": threads, "reps": reps, "batch": [16, 64], "variants": {}, "errors": errors}
     for name, ts in times.items():
         med = statistics.median(ts)
         table.add_row(name, f"{med:.3f}", f"{med / base:.2f}", f"{min(ts) / best:.2f}")
@@ -148,6 +143,18 @@ def main() -> None:
     for name, err in errors.items():
         table.add_row(name, "failed", err, "")
     console.print(table)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    result = measure(args.reps, args.warmup, args.threads)
+    console = Console()
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)

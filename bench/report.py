@@ -13,12 +13,12 @@ def machine() -> dict[str, str]:
     return {"platform": platform.platform(), "cpu_count": str(torch.get_num_threads()), "torch": torch.__version__}
 
 
-def write_report(results: dict[str, dict], out: Path, title: str) -> None:
+def write_report(results: dict[str, dict], out: Path, title: str, extra: dict | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"title": title, "machine": machine(), "results": results}, indent=1))
+    out.write_text(json.dumps({"title": title, "machine": machine(), "results": results, **(extra or {})}, indent=1))
     table = Table(title=title)
     for col in ("case", "plain (s)", "with Fisher (s)", "ratio"):
         table.add_column(col)
