@@ -90,6 +90,21 @@ def _wrap_fsdp2(model: nn.Module, opt: OptimizerFactory | None, **_: Any) -> Wra
 WRAPPERS: dict[str, Callable[..., Wrapped]] = {"none": _wrap_none, "ddp": _wrap_ddp, "fsdp2": _wrap_fsdp2}
 
 
+def _lazy(module: str, name: str, *bound: Any) -> Callable[..., Wrapped]:
+    """A wrapper living in its own module (FSDP1, DeepSpeed), imported only when that backend is used."""
+
+    def wrap(model: nn.Module, opt: OptimizerFactory | None, **options: Any) -> Wrapped:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*bound, model, opt, **options)
+
+    return wrap
+
+
+WRAPPERS["fsdp1"] = _lazy("fisherdist.dist.wrap_fsdp1", "wrap_fsdp1")
+WRAPPERS.update({f"zero{s}": _lazy("fisherdist.dist.wrap_deepspeed", "wrap_zero", s) for s in (1, 2, 3)})
+
+
 def wrap_model(
     model: nn.Module, backend: str, optimizer_factory: OptimizerFactory | None = None, **options: Any
 ) -> Wrapped:

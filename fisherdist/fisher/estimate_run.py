@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from fisherdist.data.batches import load_texts, rank_batches, tokenize
-from fisherdist.dist.env import init_distributed
+from fisherdist.dist.env import init_distributed, teardown
 from fisherdist.dist.wrap import wrap_model
 from fisherdist.fisher.accumulator import FisherAccumulator
 from fisherdist.fisher.checkpoint import load_fisher, save_fisher
@@ -57,6 +57,13 @@ def _print_summary(summary: dict) -> None:
 
 def run_fisher(cfg, config_text: str) -> dict:  # noqa: ANN001 - FisherRunConfig (cli.py) imports this module
     env = init_distributed(require_group=cfg.dist.backend != "none")
+    try:
+        return _run(cfg, config_text, env)
+    finally:
+        teardown()
+
+
+def _run(cfg, config_text: str, env) -> dict:  # noqa: ANN001
     torch.manual_seed(cfg.fisher.seed)
     out = Path(cfg.out)
     model, tokenizer = load_model_and_tokenizer(cfg.model.path, dtype=DTYPES[cfg.model.dtype])

@@ -72,11 +72,18 @@ def fisher_step(wrapped: object, acc: FisherAccumulator, batch: dict[str, torch.
             ids, labels, valid = ids[keep], labels[keep], valid[keep]
             mask = mask[keep] if mask is not None else None
         acc.step()
-        zero = getattr(wrapped, "zero_grad", None)
-        if zero is not None:
-            zero()
-        else:
-            module.zero_grad(set_to_none=True)
+        _discard_grads(wrapped, module)
+
+
+def _discard_grads(wrapped: object, module: torch.nn.Module) -> None:
+    """Drop this micro-batch's gradients. ZeRO keeps reduced gradients in its own partitions, which only
+    ``engine.step()`` clears; a Fisher pass wraps with an lr-0 optimizer, so that step moves no weight."""
+    if str(getattr(wrapped, "backend", "")).startswith("zero"):
+        wrapped.step()  # type: ignore[attr-defined]
+    elif hasattr(wrapped, "zero_grad"):
+        wrapped.zero_grad()  # type: ignore[attr-defined]
+    else:
+        module.zero_grad(set_to_none=True)
 
 
 def check_health(acc: FisherAccumulator) -> None:

@@ -53,7 +53,7 @@ def fused_hook(state: UnitHookState, grad: torch.Tensor, output: torch.Tensor) -
         stats = sink.local_stats(fqn, local)
         if stats is None:
             continue
-        if not stat_flats:
+        if not stat_flats:  # transient, one padded-flat-gradient-sized buffer per statistic (like FSDP's own)
             stat_flats = [grad.new_zeros(grad.numel()) for _ in stats]
         for flat, s in zip(stat_flats, stats):
             flat[off : off + numel] = s.reshape(-1).to(grad.dtype)
