@@ -61,10 +61,13 @@ def combined_oracle(parts: list[tuple[int, int, int, int]]) -> dict[str, torch.T
 
 @pytest.mark.parametrize(
     "first,second",
-    [(("fsdp2", 2, 3), ("none", 1, 3)), (("fsdp2", 2, 3), ("fsdp2", 3, 2)), (("ddp", 2, 3), ("fsdp2", 2, 3))],
-    ids=["fsdp2x2->single", "fsdp2x2->fsdp2x3", "ddpx2->fsdp2x2"],
+    [(("fsdp2", 2, 3), ("none", 1, 3)), (("fsdp2", 2, 3), ("fsdp2", 3, 2)), (("ddp", 2, 3), ("fsdp2", 2, 3)),
+     (("zero3", 2, 3), ("fsdp2", 3, 2)), (("fsdp2", 2, 3), ("zero3", 2, 3)), (("zero3", 2, 3), ("none", 1, 3))],
+    ids=["fsdp2x2->single", "fsdp2x2->fsdp2x3", "ddpx2->fsdp2x2", "zero3x2->fsdp2x3", "fsdp2x2->zero3x2",
+         "zero3x2->single"],
 )
-def test_reshard_and_continue(tmp_path, first, second):
+def test_reshard_and_continue(tmp_path, monkeypatch, first, second):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # inherited by the spawned ranks
     (b1, w1, mb1), (b2, w2, mb2) = first, second
     ck = str(tmp_path / "fisher")
     run_phase(w1, b1, 0, 6, mb1, save=ck)
