@@ -11,6 +11,11 @@ from fisherdist.errors import FisherdistError
 
 # Modules that define ``register(subparsers: argparse._SubParsersAction) -> None``.
 COMMAND_MODULES = [
+    "fisherdist.dist.cli",
+    "fisherdist.fisher.cli",
+    "fisherdist.methods.suv.cli",
+    "fisherdist.eval.cli",
+    "fisherdist.world.cli",
 ]
 
 

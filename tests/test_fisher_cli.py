@@ -79,3 +79,38 @@ def test_bad_input_is_one_line(world, override, expected):
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fisherdist: error:") and expected in lines[0], run.stderr
+
+
+def test_preempted_run_checkpoints_and_resumes_on_another_world_size(world, monkeypatch):
+    """SIGUSR1/SIGTERM after a micro-batch: checkpoint + exit 75; the restart (2 ranks) ends where an
+    uninterrupted run ends."""
+    from fisherdist import cli
+    from fisherdist.dist import preempt
+
+    root, _, cfg = world
+    out = root / "out-preempt"
+    calls = {"n": 0}
+
+    def stop_after_two(self) -> bool:  # the signal arrives during the second micro-batch
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    monkeypatch.setattr(preempt.PreemptionHandler, "should_stop", stop_after_two)
+    monkeypatch.setenv("FISHERDIST_NO_REQUEUE", "1")
+    assert cli.main(["fisher", str(cfg), f"out={out}"]) == preempt.PREEMPTED_EXIT
+    from fisherdist.fisher.checkpoint import read_fisher
+
+    _, counts, _ = read_fisher(out / "fisher")
+    assert counts["samples"] == 2 * BS  # two micro-batches were accumulated before stopping
+    monkeypatch.undo()
+    resumed = fisherdist("fisher", str(cfg), f"out={out}", "dist.backend=fsdp2", "dist.nproc=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = fisherdist("fisher", str(cfg), f"out={root / 'out-straight'}")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for name in ("resumed", "straight"):
+        src = out if name == "resumed" else root / "out-straight"
+        assert fisherdist("export", str(src), "--out", str(root / f"{name}.safetensors")).returncode == 0
+    with safe_open(str(root / "resumed.safetensors"), "pt") as a, safe_open(str(root / "straight.safetensors"), "pt") as b:
+        assert a.metadata()["counts.samples"] == b.metadata()["counts.samples"] == repr(float(N))
+        for n in b.keys():
+            assert_rel_close(a.get_tensor(n).double(), b.get_tensor(n).double(), n, tol=1e-5)

@@ -33,8 +33,7 @@ def _run(args: argparse.Namespace) -> int:
         return code
     from fisherdist.fisher.estimate_run import run_fisher
 
-    run_fisher(cfg, dump_config(cfg))
-    return 0
+    return run_fisher(cfg, dump_config(cfg))
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from fisherdist.data.batches import load_texts, rank_batches, tokenize
 from fisherdist.dist.env import init_distributed, teardown
+from fisherdist.dist.preempt import PreemptionHandler
 from fisherdist.dist.wrap import wrap_model
 from fisherdist.fisher.accumulator import FisherAccumulator
 from fisherdist.fisher.checkpoint import load_fisher, save_fisher
@@ -55,7 +56,8 @@ def _print_summary(summary: dict) -> None:
                   f"{summary['numel_total']:,} Fisher elements")
 
 
-def run_fisher(cfg, config_text: str) -> dict:  # noqa: ANN001 - FisherRunConfig (cli.py) imports this module
+def run_fisher(cfg, config_text: str) -> int:  # noqa: ANN001 - FisherRunConfig (cli.py) imports this module
+    """Returns the exit status: 0, or ``PREEMPTED_EXIT`` after a checkpoint on SIGUSR1 / SIGTERM."""
     env = init_distributed(require_group=cfg.dist.backend != "none")
     try:
         return _run(cfg, config_text, env)
@@ -63,7 +65,7 @@ def run_fisher(cfg, config_text: str) -> dict:  # noqa: ANN001 - FisherRunConfig
         teardown()
 
 
-def _run(cfg, config_text: str, env) -> dict:  # noqa: ANN001
+def _run(cfg, config_text: str, env) -> int:  # noqa: ANN001
     torch.manual_seed(cfg.fisher.seed)
     out = Path(cfg.out)
     model, tokenizer = load_model_and_tokenizer(cfg.model.path, dtype=DTYPES[cfg.model.dtype])
@@ -83,11 +85,17 @@ def _run(cfg, config_text: str, env) -> dict:  # noqa: ANN001
 
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.fisher.seed + env.rank)
-    with Progress(disable=env.rank != 0, transient=True) as bar:
+    # SIGUSR1 (Slurm --signal) / SIGTERM: finish the micro-batch, checkpoint, exit 75 (requeued under
+    # Slurm); the restart resumes from the counts, on any number of processes.
+    with PreemptionHandler() as pre, Progress(disable=env.rank != 0, transient=True) as bar:
         task = bar.add_task(f"fisher ({cfg.fisher.estimator}, {cfg.fisher.granularity})", total=len(batches))
         for step, batch in enumerate(batches, start=1):
             fisher_step(wrapped, acc, {k: v.to(env.device) for k, v in batch.items()}, generator)
             bar.advance(task)
+            if pre.should_stop():
+                save_fisher(acc.state, ckpt)
+                acc.close()
+                return pre.exit_code()
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save_fisher(acc.state, ckpt)
     check_health(acc)
@@ -99,4 +107,4 @@ def _run(cfg, config_text: str, env) -> dict:  # noqa: ANN001
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         _print_summary(summary)
     acc.close()
-    return summary
+    return 0
