@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal, Mapping
 
 import torch
@@ -32,6 +33,7 @@ BACKEND_ENV = "FISHERDIST_DIST_BACKEND"
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 SLURM_PORT_BASE = 20000
+TIMEOUT_ENV = "FISHERDIST_DIST_TIMEOUT_S"
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,12 @@ def _from_existing_group() -> DistEnv:
 _TOPOLOGY = {"torchrun": _torchrun_topology, "slurm": _slurm_topology, "mpi": _mpi_topology}
 
 
+def _timeout() -> timedelta:
+    """Collective timeout: a rank that dies outside torchrun (srun, mpiexec) must not leave the others
+    blocked for gloo's default 30 minutes. ``FISHERDIST_DIST_TIMEOUT_S`` overrides the 600 s default."""
+    return timedelta(seconds=_int(os.environ, TIMEOUT_ENV, default=600, minimum=1))
+
+
 def init_distributed(require_group: bool = False) -> DistEnv:
     """Initialise ``torch.distributed`` for this launcher (idempotent) and return where this rank sits.
 
@@ -268,7 +276,7 @@ def init_distributed(require_group: bool = False) -> DistEnv:
         init = "env://" if launcher != "single" else f"tcp://{env.master_addr}:{env.master_port}"
         dist.init_process_group(
             backend, init_method=init, rank=env.rank, world_size=env.world_size,
-            device_id=device if backend == "nccl" else None,
+            device_id=device if backend == "nccl" else None, timeout=_timeout(),
         )  # fmt: skip
         _owns_group = True
     _current = env
