@@ -1,0 +1,1 @@
+"""Evaluation: verbatim memorisation (SUV protocol), utility (perplexity, task accuracy) and reports."""

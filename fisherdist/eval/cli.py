@@ -1,0 +1,106 @@
+"""``fisherdist eval memorization CONFIG [key=value ...]``: SUV memorisation + utility for one model, or
+before/after for two (``after=DIR``), written as report.json / report.png / windows_*.jsonl under ``out``.
+
+With ``nproc > 1`` and no launcher the command re-runs itself on that many local processes; each rank
+holds a full copy of the model and scores its share of the windows (torchrun / srun work the same way).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from fisherdist.config import ModelConfig, Section, dump_config, load_config, resolve_path
+from fisherdist.eval.memorization import MemorizationSettings
+from fisherdist.eval.utility import UtilitySettings
+
+
+class EvalData(Section):
+    books: str = Field(description="protected passages, JSONL records {book, text}")
+    heldout: str | None = Field(None, description="held-out general text, JSONL records {text}")
+    task: str | None = Field(None, description="task records {prompt, response} for greedy exact match")
+
+    @field_validator("books", "heldout", "task")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        if v is not None and not resolve_path(v).is_file():
+            raise ValueError(f"no data file at {resolve_path(v)}")
+        return None if v is None else str(resolve_path(v))
+
+
+class EvalConfig(Section):
+    """Schema of ``configs/eval/*.yaml``."""
+
+    model: ModelConfig
+    after: ModelConfig | None = Field(None, description="second model (e.g. the unlearned one) for before/after")
+    data: EvalData
+    memorization: MemorizationSettings = Field(default_factory=MemorizationSettings)
+    utility: UtilitySettings = Field(default_factory=UtilitySettings)
+    nproc: int = Field(1, ge=1, description="local processes to spawn when not started by a launcher")
+    out: str
+
+
+def _load(mc: ModelConfig, device: Any) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[mc.dtype]
+    return AutoModelForCausalLM.from_pretrained(mc.path, dtype=dtype).to(device), AutoTokenizer.from_pretrained(mc.path)
+
+
+def run(cfg: EvalConfig, config_text: str = "") -> dict[str, Any]:
+    """Evaluate ``model`` (and ``after``); rank 0 writes the files and prints the table."""
+    from pathlib import Path
+
+    from fisherdist.data.jsonl import encode, read_records, write_jsonl
+    from fisherdist.dist.env import init_distributed
+    from fisherdist.eval.report import print_table, write_report
+    from fisherdist.eval.suite import evaluate_model
+
+    env = init_distributed()
+    m, d = cfg.memorization, cfg.data
+    books = read_records(d.books, [m.book_field, m.text_field])  # bad input fails before any model loads
+    heldout = [r["text"] for r in read_records(d.heldout, ["text"])] if d.heldout else None
+    task = read_records(d.task, ["prompt", "response"]) if d.task else None
+    results: dict[str, Any] = {}
+    for label, mc in (("before", cfg.model), ("after", cfg.after)):
+        if mc is None:
+            continue
+        model, tok = _load(mc, env.device)
+        passages = [(str(r[m.book_field]), encode(tok, r[m.text_field])) for r in books]
+        metrics, scores = evaluate_model(model, tok, passages, m, cfg.utility, heldout, task, label)
+        results[label] = metrics
+        if env.rank == 0:
+            write_jsonl(Path(cfg.out) / f"windows_{label}.jsonl", [s.row() for s in scores])
+        del model
+    if env.rank == 0:
+        out = Path(cfg.out)
+        json_path, png_path = write_report(out, results["before"], results.get("after"),
+                                           {"models": {"before": cfg.model.path, "after": cfg.after.path if cfg.after else None}})
+        if config_text:
+            (out / "config.yaml").write_text(config_text)
+        print_table(results["before"], results.get("after"))
+        print(f"wrote {json_path} and {png_path}")
+    return results
+
+
+def _memorization(args: argparse.Namespace) -> int:
+    from fisherdist.dist.spawn import maybe_spawn
+
+    cfg = load_config(EvalConfig, args.config, args.overrides)
+    code = maybe_spawn(cfg.nproc, ["eval", "memorization", args.config, *args.overrides])
+    if code is not None:
+        return code
+    run(cfg, dump_config(cfg))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluation: verbatim memorisation (SUV protocol) and utility")
+    ev = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+    m = ev.add_parser("memorization", help="SUV sliding-window memorisation + perplexity + task accuracy")
+    m.add_argument("config", help="YAML config (see configs/eval/memorization_tiny.yaml)")
+    m.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. after.path=runs/x/models/unlearned")
+    m.set_defaults(func=_memorization)

@@ -1,0 +1,1 @@
+"""Fisher-guided fine-tuning and unlearning methods, each a thin consumer of :mod:`fisherdist.fisher`."""
