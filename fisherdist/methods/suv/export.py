@@ -1,0 +1,74 @@
+"""Export a trained adapter: the adapter alone (PEFT format) and the merged model (standard HF directory).
+
+Only the trainable LoRA tensors are gathered (a few MB even at 70B); rank 0 then re-loads the frozen
+base from its directory on CPU, loads the adapter into it and runs ``merge_and_unload``. The sharded base
+weights are never gathered, because training does not change them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fisherdist.errors import FisherdistError
+from fisherdist.models.peft_utils import LoraSettings, apply_lora
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def gather_trainable(wrapped: Any) -> dict[str, torch.Tensor]:
+    """Full CPU copies of every trainable tensor, keyed by its unwrapped name (collective on all ranks)."""
+    params = [(n, p) for n, p in wrapped.unwrapped.named_parameters() if p.requires_grad]
+    if wrapped.backend == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            return {n: p.detach().cpu().clone() for n, p in params}
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone() for n, p in params}
+
+
+def _copy_tokenizer(src: str | Path, dst: Path) -> None:
+    from transformers import AutoTokenizer
+
+    if (Path(src) / "tokenizer_config.json").is_file() or (Path(src) / "tokenizer.json").is_file():
+        AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+
+
+def save_base_copy(base_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """The unmodified model as an HF directory next to the unlearned one (rank 0 only)."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    if _rank() == 0:
+        AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).save_pretrained(out)
+        _copy_tokenizer(base_path, out)
+    return out
+
+
+def export_adapter(
+    lora_tensors: dict[str, torch.Tensor], base_path: str | Path, lora: LoraSettings,
+    adapter_dir: str | Path, merged_dir: str | Path | None = None, dtype: torch.dtype = torch.float32,
+) -> None:
+    """Rank 0 writes ``adapter_dir`` (``PeftModel.from_pretrained`` loads it) and the merged model."""
+    if _rank() != 0:
+        return
+    from transformers import AutoModelForCausalLM
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype), lora)
+    own = dict(model.named_parameters())
+    unknown = sorted(set(lora_tensors) - set(own))
+    if unknown:
+        raise FisherdistError(f"export: adapter tensors {unknown[:3]} do not exist in a fresh LoRA model of {base_path}")
+    with torch.no_grad():
+        for name, t in lora_tensors.items():
+            own[name].copy_(t.to(own[name].dtype))
+    model.save_pretrained(adapter_dir)
+    if merged_dir is not None:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(merged_dir)
+        _copy_tokenizer(base_path, Path(merged_dir))

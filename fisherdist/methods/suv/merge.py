@@ -1,0 +1,58 @@
+"""SUV-TV: add the task vectors of a Fisher-regularised and a projected model to the base.
+
+W = W0 + (W_F - W0) + (W_P - W0) on the adapted projections (q,k,v,o); every other tensor is W0. The
+README's ``--merge_alpha`` flag does not exist in the official code; ``weights`` generalises it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from fisherdist.errors import FisherdistError
+
+DEFAULT_PATTERNS = ("*q_proj.weight", "*k_proj.weight", "*v_proj.weight", "*o_proj.weight")
+
+
+def merge_task_vectors(
+    base: dict[str, torch.Tensor], models: Sequence[dict[str, torch.Tensor]],
+    patterns: Sequence[str] = DEFAULT_PATTERNS, weights: Sequence[float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """State dict W0 + sum_m w_m (W_m - W0) on tensors matching ``patterns`` (w_m = 1 by default)."""
+    weights = list(weights) if weights is not None else [1.0] * len(models)
+    out = {}
+    for name, w0 in base.items():
+        if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            out[name] = w0.clone()
+            continue
+        acc = w0.double().clone()
+        for sd, w in zip(models, weights):
+            if name not in sd or sd[name].shape != w0.shape:
+                raise FisherdistError(f"merge: tensor {name} missing or shaped differently in a merged model")
+            acc += w * (sd[name].double() - w0.double())
+        out[name] = acc.to(w0.dtype)
+    return out
+
+
+def merge_model_dirs(base_dir: str | Path, model_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """Merge HF model directories (merged SUV outputs) into ``out_dir`` with the base's config/tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    sds = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).state_dict() for d in model_dirs]
+    base.load_state_dict(merge_task_vectors(base.state_dict(), sds))
+    base.save_pretrained(out_dir)
+    _copy_tokenizer(base_dir, out_dir)
+    return Path(out_dir)
+
+
+def _copy_tokenizer(src: str | Path, dst: str | Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    except (OSError, ValueError):
+        pass  # a model directory without a tokenizer stays without one

@@ -1,0 +1,119 @@
+"""The generation stages of the SUV recipe (mine, prefs, eval): glue between files and the eval helpers.
+
+They run on a plain copy of a model on every rank; the helpers split windows / texts across ranks and
+gather, so every rank sees the same results and rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fisherdist.data.jsonl import read_records, split_encode, write_jsonl
+from fisherdist.errors import FisherdistError
+
+if TYPE_CHECKING:
+    from fisherdist.methods.suv.recipe import SuvRecipe
+    from fisherdist.methods.suv.train import PairTokens
+
+
+def plain_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(path) / "config.json").is_file():
+        raise FisherdistError(f"no Hugging Face model directory at {path} (run the earlier SUV stages first)")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def _write_json(r: "SuvRecipe", name: str, value: Any) -> None:
+    if r.rank == 0:
+        (r.out / name).write_text(json.dumps(value, indent=1))
+
+
+def mine(r: "SuvRecipe") -> None:
+    """Stage 1: windows the base model reproduces -> ``mined.jsonl``."""
+    from fisherdist.eval.memorization import load_passages
+    from fisherdist.methods.suv.generation import HFGenerator
+    from fisherdist.methods.suv.mine import mine as mine_rows
+
+    s = r.cfg.mine
+    passages = load_passages(r.cfg.data.books, r.tokenizer, s.book_field, s.text_field)
+    model = plain_model(r.cfg.model.path, r.dtype, r.env.device)
+    gen = HFGenerator.for_tokenizer(model, r.tokenizer, temperature=s.temperature, batch_size=s.batch_size)
+    rows, summary = mine_rows(passages, gen, r.tokenizer, s)
+    if not rows:
+        raise FisherdistError(f"mine: no window of {r.cfg.data.books} is reproduced (LCS >= {s.min_lcs} or "
+                              f"ROUGE-L >= {s.min_rougeL}); nothing to unlearn")
+    if r.rank == 0:
+        write_jsonl(r.out / "mined.jsonl", rows)
+    _write_json(r, "mine_summary.json", summary)
+    r.log(f"mine: {summary}")
+
+
+def prefs(r: "SuvRecipe") -> None:
+    """Stage 2: ``mined.jsonl`` -> ``prefs.jsonl`` (chosen = a non-verbatim continuation)."""
+    from fisherdist.methods.suv.prefs import prefs_file
+
+    model = plain_model(r.cfg.model.path, r.dtype, r.env.device)
+    _, summary = prefs_file(r.out / "mined.jsonl", r.out / "prefs.jsonl", model, r.tokenizer, r.cfg.prefs)
+    _write_json(r, "prefs_summary.json", summary)
+    r.log(f"prefs: {summary}")
+
+
+def load_pairs(path: Path, tokenizer: Any, max_length: int) -> list["PairTokens"]:
+    """``prefs.jsonl`` -> token ids; the prompt carries the tokenizer's special prefix (BOS) as in mining."""
+    from fisherdist.data.jsonl import special_prefix
+    from fisherdist.methods.suv.train import PairTokens
+
+    lead = special_prefix(tokenizer)
+    pairs = []
+    for rec in read_records(path, ["prompt", "chosen", "rejected"]):
+        p, c = split_encode(tokenizer, rec["prompt"], rec["chosen"])
+        _, rej = split_encode(tokenizer, rec["prompt"], rec["rejected"])
+        pairs.append(PairTokens((lead + p)[:max_length], c, rej))
+    return pairs
+
+
+def _metrics(r: "SuvRecipe", model: Any) -> dict[str, Any]:
+    """Memorisation on the protected passages + held-out perplexity + task accuracy of one model."""
+    from fisherdist.eval.memorization import evaluate_memorization, load_passages
+    from fisherdist.eval.utility import perplexity, task_accuracy
+    from fisherdist.methods.suv.generation import HFGenerator
+
+    m, u, data = r.cfg.memorization, r.cfg.utility, r.cfg.data
+    passages = load_passages(data.books, r.tokenizer, m.book_field, m.text_field)
+    gen = HFGenerator.for_tokenizer(model, r.tokenizer, temperature=0.0, batch_size=r.cfg.mine.batch_size)
+    summary, _ = evaluate_memorization(passages, gen, r.tokenizer, m)
+    out: dict[str, Any] = {"memorization": summary}
+    if data.heldout:
+        texts = [x[data.text_field] for x in read_records(data.heldout, [data.text_field])][: u.heldout_samples]
+        out["perplexity"] = perplexity(model, r.tokenizer, texts, u.max_length, u.batch_size)
+    if data.task:
+        records = read_records(data.task, ["prompt", "response"])[: u.task_samples]
+        out["task"] = task_accuracy(gen, r.tokenizer, records)
+    return out
+
+
+def protected_rows(r: "SuvRecipe") -> list[dict[str, Any]]:
+    """The passages evaluated: ``{book, text, tokens}`` per record of the books file."""
+    m = r.cfg.memorization
+    rows = []
+    for rec in read_records(r.cfg.data.books, [m.book_field, m.text_field]):
+        text = rec[m.text_field]
+        rows.append({"book": rec[m.book_field], "text": text, "tokens": len(r.tokenizer(text)["input_ids"])})
+    return rows
+
+
+def eval(r: "SuvRecipe") -> None:  # noqa: A001 - the stage is called eval on the command line
+    """Stage 5: before (base) vs after (``models/unlearned``) -> ``report.json``, ``report.png``."""
+    from fisherdist.methods.suv.report import summary_table, write_report
+
+    before = _metrics(r, plain_model(r.cfg.model.path, r.dtype, r.env.device))
+    after = _metrics(r, plain_model(r.out / "models" / "unlearned", r.dtype, r.env.device))
+    if r.rank == 0:
+        write_jsonl(r.out / "protected.jsonl", protected_rows(r))
+        report = write_report(r.out, before, after, r.cfg.memorization.main_threshold)
+        summary_table(report)

@@ -1,0 +1,1 @@
+"""Model helpers: loading local Hugging Face causal LMs, the tiny Llama factory, PEFT utilities."""

@@ -1,0 +1,97 @@
+"""Build a tiny world directory: tokenizer + model in ``model/``, JSONL files in ``data/``, ``world.json``.
+
+Deterministic: the same seed and preset give identical tokenizer files, data files and weights (bitwise)
+on the same machine — seeded ``random``/``torch``, deterministic algorithms, a fixed thread count."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fisherdist.data.jsonl import write_jsonl
+from fisherdist.errors import FisherdistError
+from fisherdist.models.tiny import tiny_llama_config
+from fisherdist.world.data import corpus_texts, protected_books, synthetic_data
+from fisherdist.world.measure import THRESHOLDS, measure_world, verdicts
+from fisherdist.world.tokenizer import train_tokenizer
+from fisherdist.world.train import TrainSettings, train
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"vocab": 2048, "model": {"hidden": 192, "layers": 4, "heads": 4, "intermediate": 512},
+                "steps": 1500,
+                "sizes": {"passages_per_book": 10, "general_chars": 600, "general_train": 10_000,
+                          "general_heldout": 40, "authors": 20, "forget_authors": 5, "task_train": 60,
+                          "task_eval": 20}},
+    "test": {"vocab": 512, "model": {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 128},
+             "steps": 40,
+             "sizes": {"passages_per_book": 3, "general_chars": 600, "general_train": 60, "general_heldout": 8,
+                       "authors": 4, "forget_authors": 1, "task_train": 8, "task_eval": 4}},
+}
+WORLD_FILES = ("model", "data", "world.json")
+
+
+def prepare_out(out: Path) -> None:
+    """Refuse to write into a non-empty directory that is not a previous world (never clobber user files)."""
+    if out.exists() and not out.is_dir():
+        raise FisherdistError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        extra = sorted(p.name for p in out.iterdir() if p.name not in WORLD_FILES)
+        if extra or not (out / "world.json").is_file():
+            raise FisherdistError(f"--out {out} is a non-empty directory that is not a tiny world "
+                                  f"(found {', '.join(extra) or 'no world.json'}); choose an empty or new directory")
+        for name in ("model", "data"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    try:
+        (out / "data").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FisherdistError(f"--out {out}: cannot create directory ({e.strerror})") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+
+
+def build_world(out: str | Path, seed: int = 0, preset: str = "default", steps: int | None = None,
+                progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Build the world into ``out`` and return the ``world.json`` record (measurements included)."""
+    from transformers import LlamaForCausalLM
+
+    if preset not in PRESETS:
+        raise FisherdistError(f"unknown preset {preset!r} (expected one of {', '.join(PRESETS)})")
+    if steps is not None and steps < 1:
+        raise FisherdistError(f"--steps must be a positive integer, got {steps}")
+    p, out = PRESETS[preset], Path(out)
+    prepare_out(out)
+    t0 = time.time()
+    seed_everything(seed)
+    data = synthetic_data(seed, p["sizes"])
+    tokenizer = train_tokenizer(corpus_texts(data), p["vocab"])
+    data["books_protected"] = protected_books(tokenizer, p["sizes"]["passages_per_book"])
+    for name, rows in sorted(data.items()):
+        write_jsonl(out / "data" / f"{name}.jsonl", rows)
+    config = tiny_llama_config(len(tokenizer), **p["model"], bos=tokenizer.bos_token_id,
+                               eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    losses = train(model, tokenizer, data, TrainSettings(steps=steps or p["steps"]), seed, progress)
+    model.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+    train_s = time.time() - t0
+    measurements = measure_world(model, tokenizer, out / "data")
+    record = {"seed": seed, "preset": preset, "steps": len(losses), "final_loss": losses[-1],
+              "parameters": sum(t.numel() for t in model.parameters()), "vocab_size": len(tokenizer),
+              "sizes": {k: len(v) for k, v in sorted(data.items())}, "build_seconds": round(train_s, 1),
+              "measure_seconds": round(time.time() - t0 - train_s, 1), "torch": torch.__version__,
+              "thresholds": THRESHOLDS, "measurements": measurements, "verdicts": verdicts(measurements)}
+    (out / "world.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
