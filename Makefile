@@ -2,7 +2,7 @@
 #
 #   make install   create $(VENV) and install fisherdist with its test extras (once; again if pyproject.toml changes)
 #   make test      run the test suite
-#   make demo      the SUV demo on the built-in tiny world (2 local processes, CPU)   -> runs/demo
+#   make demo      the main job on the built-in tiny world (2 local processes, CPU)   -> runs/demo
 #   make world     rebuild the tiny world from the bundled texts                      -> runs/world
 #
 # CPU torch is installed only when $(VENV) has no working torch, so a GPU machine can point VENV at an
@@ -34,8 +34,11 @@ $(STAMP): pyproject.toml | $(PY)
 test: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
+# Until the SUV demo recipe (configs/suv/tiny.yaml) lands, the main job is a sharded Fisher estimate on
+# the shipped tiny world under FSDP2 with 2 local processes, exported to safetensors.
 demo: $(STAMP)
-	$(VENV)/bin/fisherdist demo --out runs/demo
+	$(VENV)/bin/fisherdist fisher configs/fisher/tiny.yaml dist.backend=fsdp2 dist.nproc=2 out=runs/demo
+	$(VENV)/bin/fisherdist export runs/demo --out runs/demo/fisher.safetensors
 
 world: $(STAMP)
 	$(VENV)/bin/fisherdist world build --out runs/world
