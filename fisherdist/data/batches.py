@@ -30,16 +30,18 @@ def tokenize(texts: list[str], tokenizer: Any, max_length: int) -> list[list[int
     return [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
 
 
-def collate(samples: list[list[int]], pad_id: int, valid: list[bool]) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding) and ``valid``."""
+def collate(samples: list[list[int]], pad_id: int, valid: list[bool] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding), and ``valid`` if given."""
     width = max(len(s) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
     for i, s in enumerate(samples):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "valid": torch.tensor(valid)}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    if valid is not None:
+        batch["valid"] = torch.tensor(valid)
+    return batch
 
 
 def rank_batches(token_lists: list[list[int]], batch_size: int, rank: int, world: int, pad_id: int) -> list[dict[str, torch.Tensor]]:

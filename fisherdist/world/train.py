@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import torch
 
+from fisherdist.data.batches import collate
+
 PATTERN = ("general", "books", "facts", "books", "chat")
 
 
@@ -54,17 +56,6 @@ def _sample(kind: str, pool: list[list[int]], n: int, seq_len: int, bos: int, rn
             out.append(([bos] + p[off:])[:seq_len])
         return out
     return [rng.choice(pool)[:seq_len] for _ in range(n)]
-
-
-def collate(seqs: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids, attention mask, and labels with padding ignored (-100)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 def train(model: Any, tokenizer: Any, data: dict[str, list[dict[str, str]]], settings: TrainSettings, seed: int,
