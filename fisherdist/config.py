@@ -8,10 +8,10 @@ problem into one :class:`ConfigError` line naming the file, the key, the bad val
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fisherdist.errors import ConfigError
 
@@ -31,6 +31,17 @@ def resolve_path(value: str | Path) -> Path:
     if text.startswith(WORLD_PREFIX):
         return default_world_dir() / text[len(WORLD_PREFIX) :]
     return Path(text).expanduser()
+
+
+def _existing_file(value: str) -> str:
+    p = resolve_path(value)
+    if not p.is_file():
+        raise ValueError(f"no data file at {p}")
+    return str(p)
+
+
+DataFile = Annotated[str, AfterValidator(_existing_file)]
+"""A config string naming an existing file (``@world/...`` allowed), stored resolved."""
 
 
 class Section(BaseModel):
@@ -53,21 +64,13 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    path: str = Field(description="JSON Lines file, one record per line")
+    path: DataFile = Field(description="JSON Lines file, one record per line")
     field: str = "text"
     max_length: int = Field(128, gt=0)
     num_samples: int | None = Field(None, gt=0, description="first N records in file order")
     batch_size: int = Field(8, gt=0, description="micro-batch size per rank")
     shuffle: bool = False
     seed: int = 0
-
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, v: str) -> str:
-        p = resolve_path(v)
-        if not p.is_file():
-            raise ValueError(f"no data file at {p}")
-        return str(p)
 
 
 Backend = Literal["none", "ddp", "fsdp1", "fsdp2", "zero1", "zero2", "zero3"]

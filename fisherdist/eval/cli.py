@@ -10,24 +10,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from fisherdist.config import ModelConfig, Section, dump_config, load_config, resolve_path
+from fisherdist.config import DataFile, ModelConfig, Section, dump_config, load_config
 from fisherdist.eval.memorization import MemorizationSettings
 from fisherdist.eval.utility import UtilitySettings
 
 
 class EvalData(Section):
-    books: str = Field(description="protected passages, JSONL records {book, text}")
-    heldout: str | None = Field(None, description="held-out general text, JSONL records {text}")
-    task: str | None = Field(None, description="task records {prompt, response} for greedy exact match")
-
-    @field_validator("books", "heldout", "task")
-    @classmethod
-    def _exists(cls, v: str | None) -> str | None:
-        if v is not None and not resolve_path(v).is_file():
-            raise ValueError(f"no data file at {resolve_path(v)}")
-        return None if v is None else str(resolve_path(v))
+    books: DataFile = Field(description="protected passages, JSONL records {book, text}")
+    heldout: DataFile | None = Field(None, description="held-out general text, JSONL records {text}")
+    task: DataFile | None = Field(None, description="task records {prompt, response} for greedy exact match")
 
 
 class EvalConfig(Section):

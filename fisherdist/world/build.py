@@ -27,12 +27,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {"vocab": 2048, "model": {"hidden": 192, "layers": 4, "heads": 4, "intermediate": 512},
                 "steps": 1500,
                 "sizes": {"passages_per_book": 10, "general_chars": 600, "general_train": 10_000,
-                          "general_heldout": 40, "authors": 20, "forget_authors": 5, "task_train": 60,
+                          "general_heldout": 40, "authors": 20, "forget_authors": 5, "task_train": 3000,
                           "task_eval": 20}},
     "test": {"vocab": 512, "model": {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 128},
              "steps": 40,
              "sizes": {"passages_per_book": 3, "general_chars": 600, "general_train": 60, "general_heldout": 8,
-                       "authors": 4, "forget_authors": 1, "task_train": 8, "task_eval": 4}},
+                       "authors": 4, "forget_authors": 1, "task_train": 16, "task_eval": 4}},
 }
 WORLD_FILES = ("model", "data", "world.json")
 

@@ -102,10 +102,10 @@ def chat(rng: random.Random) -> tuple[list[dict[str, str]], list[dict[str, str]]
 
 
 def capitals(rng: random.Random, n_train: int, n_eval: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """The downstream task: the capital of the fictional country X is "X City" — a rule, so it generalises
-    from the training countries to unseen ones."""
+    """The downstream task: the capital of the fictional country X is "X City". It is a rule (copy the name
+    the prompt gives), so a model that learned it answers for countries it never saw in training."""
     names = _unique(rng, lambda: _name(rng, rng.choice([2, 3])) + "ia", n_train + n_eval)
-    rows = [{"prompt": QA_TEMPLATE.format(q=f"What is the capital of {c}?"), "response": f" {c[:-2]} City."}
+    rows = [{"prompt": QA_TEMPLATE.format(q=f"What is the capital of {c}?"), "response": f" {c} City."}
             for c in names]
     return rows[:n_train], rows[n_train:]
 

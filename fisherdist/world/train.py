@@ -1,6 +1,6 @@
 """Train the tiny Llama on the world's data so it *has* every behaviour the methods act on.
 
-Each optimizer step draws one batch of one kind (general text, book crops, author facts, chat + task), in
+Each optimizer step draws one batch of one kind (general text, book crops, author facts, chat, downstream task), in
 a fixed repeating pattern, from a seeded ``random.Random``; batches are padded only to their own longest
 sequence, so the many short fact/chat batches are cheap. Book passages are trained as crops starting at
 random offsets, because the memorisation metrics prompt with a window from the *middle* of a passage."""
@@ -16,7 +16,7 @@ import torch
 
 from fisherdist.data.batches import collate
 
-PATTERN = ("general", "books", "facts", "books", "chat")
+PATTERN = ("general", "books", "facts", "books", "chat", "task")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class TrainSettings:
     lr: float = 3e-3
     warmup: int = 40
     seq_len: int = 128
-    batch: tuple[tuple[str, int], ...] = (("general", 16), ("books", 16), ("facts", 32), ("chat", 32))
+    batch: tuple[tuple[str, int], ...] = (("general", 16), ("books", 16), ("facts", 32), ("chat", 32), ("task", 64))
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -41,7 +41,8 @@ def token_pools(tokenizer: Any, data: dict[str, list[dict[str, str]]]) -> dict[s
     pair = lambda rows, a, b: [[bos] + _ids(tokenizer, r[a] + r[b]) + [eos] for r in rows]  # noqa: E731
     return {"general": [stream], "books": [_ids(tokenizer, r["text"]) + [eos] for r in data["books_protected"]],
             "facts": pair(data["authors_forget"] + data["authors_retain"], "question", "answer"),
-            "chat": pair(data["unsafe_prompts"] + data["safe_prompts"] + data["task_train"], "prompt", "response")}
+            "chat": pair(data["unsafe_prompts"] + data["safe_prompts"], "prompt", "response"),
+            "task": pair(data["task_train"], "prompt", "response")}
 
 
 def _sample(kind: str, pool: list[list[int]], n: int, seq_len: int, bos: int, rng: random.Random) -> list[list[int]]:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from fisherdist.config import DistConfig, ModelConfig, Section
+from fisherdist.config import DataFile, DistConfig, ModelConfig, Section
 from fisherdist.eval.memorization import MemorizationSettings
 from fisherdist.eval.utility import UtilitySettings
 from fisherdist.methods.suv.mine import MineSettings
@@ -17,10 +17,10 @@ from fisherdist.models.peft_utils import LoraSettings
 class SuvData(Section):
     """Input files (JSON Lines); ``@world/...`` points into the shipped tiny world."""
 
-    books: str = Field(description="protected books, one record per book: {title, text}")
-    retain: str = Field(description="general text for the retain Fisher and the projection's retain loss")
-    heldout: str | None = Field(None, description="held-out general text for perplexity")
-    task: str | None = Field(None, description="downstream task records for the accuracy metric")
+    books: DataFile = Field(description="protected passages or whole books, records {book, text}")
+    retain: DataFile = Field(description="general text for the retain Fisher and the projection's retain loss")
+    heldout: DataFile | None = Field(None, description="held-out general text for perplexity")
+    task: DataFile | None = Field(None, description="downstream task records {prompt, response} for accuracy")
     text_field: str = "text"
 
 
