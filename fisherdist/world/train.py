@@ -25,7 +25,7 @@ class TrainSettings:
     lr: float = 3e-3
     warmup: int = 40
     seq_len: int = 128
-    batch: tuple[tuple[str, int], ...] = (("general", 16), ("books", 16), ("facts", 32), ("chat", 32), ("task", 64))
+    batch: tuple[tuple[str, int], ...] = (("general", 16), ("books", 16), ("facts", 32), ("chat", 32), ("task", 128))
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:

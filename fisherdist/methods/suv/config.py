@@ -83,11 +83,6 @@ class SuvConfig(Section):
     @model_validator(mode="after")
     def _backend_fits(self) -> "SuvConfig":
         zero = self.dist.backend.startswith("zero")
-        if self.dist.backend == "zero3" and self.fisher.enabled and self.train.lam > 0:
-            raise ValueError("the Fisher barrier forms BA outside the forward, where ZeRO-3 has released the LoRA "
-                             "factors: use dist.backend=fsdp2 (or zero2), or set train.lam=0")
-        if zero and self.train.projection:
-            raise ValueError(f"train.projection needs the gradients in .grad; not available with dist.backend={self.dist.backend} (use fsdp2)")
         if self.deepspeed is not None and not zero:
             raise ValueError(f"deepspeed: given, but dist.backend={self.dist.backend} is not zero1/zero2/zero3")
         return self

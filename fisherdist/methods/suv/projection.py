@@ -3,7 +3,9 @@
 Per LoRA tensor, the unlearning gradient g is replaced by g - (<g, g_r> / ||g_r||^2) g_r, always (not only
 when <g, g_r> < 0 as in A-GEM). The EMA buffer lives next to the gradient, in its sharding (FSDP2: the local
 shard), on its device; the two dot products of every tensor are shard-local sums, all-reduced together in
-one collective. The official code starts from ``sliding_preserve_grad=None`` and overwrites g with the
+one collective. Under DeepSpeed ZeRO the gradients live in DeepSpeed's buffers: they are read and written
+whole through its ``safe_get_full_grad`` / ``safe_set_full_grad`` (LoRA tensors are small), so nothing is
+sharded and no collective is needed. The official code starts from ``sliding_preserve_grad=None`` and overwrites g with the
 retain gradient; here the first retain gradient seeds the EMA and g is projected.
 """
 
@@ -31,19 +33,33 @@ def project_out(g: torch.Tensor, r: torch.Tensor, dot: torch.Tensor, norm2: torc
 class RetainProjector:
     """EMA of the retain gradient per trainable tensor, and the projection of the unlearning gradient."""
 
-    def __init__(self, params: list[nn.Parameter], alpha: float = 0.9) -> None:
+    def __init__(self, params: list[nn.Parameter], alpha: float = 0.9, deepspeed: bool = False) -> None:
         self.params = params
         self.alpha = alpha
+        self.deepspeed = deepspeed
         self.ema: list[torch.Tensor] | None = None
-        self.sharded = [_sharded(p) for p in params]
+        self.sharded = [False if deepspeed else _sharded(p) for p in params]
 
     def _grads(self) -> list[torch.Tensor]:
+        if self.deepspeed:
+            from deepspeed.utils import safe_get_full_grad
+
+            return [safe_get_full_grad(p).detach().clone() for p in self.params]
         return [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
-        """Fold the current ``.grad`` (the retain-loss gradient) into the EMA."""
+        """Fold the current gradient (the retain-loss gradient) into the EMA, then clear it.
+
+        DeepSpeed's ``zero_grad`` leaves its reduced gradient buffers alone (the next backward would add to
+        them), so under ZeRO the retain gradient is overwritten with zeros here.
+        """
         grads = self._grads()
+        if self.deepspeed:
+            from deepspeed.utils import safe_set_full_grad
+
+            for p, g in zip(self.params, grads):
+                safe_set_full_grad(p, torch.zeros_like(g))
         if self.ema is None:
             self.ema = [g.detach().clone() for g in grads]
             return
@@ -66,6 +82,10 @@ class RetainProjector:
             dist.all_reduce(sharded)
             sums = sharded + replicated
         for p, g, r, (dot, norm2) in zip(self.params, grads, self.ema, sums):
-            if p.grad is None:
-                continue
-            project_out(g, r, dot, norm2)
+            if self.deepspeed:
+                from deepspeed.utils import safe_set_full_grad
+
+                project_out(g, r, dot, norm2)
+                safe_set_full_grad(p, g)
+            elif p.grad is not None:
+                project_out(g, r, dot, norm2)

@@ -15,7 +15,9 @@ Deliberate differences from the official repository (github.com/xz-liu/SUV, fish
 
 Sharding: each rank holds only its fragment of D (the engine's flat range of the base weight, whole rows
 under FSDP2, matching its rows of LoRA B). It forms only those entries of BA, in row chunks under
-activation checkpointing, and the scalar is the only thing all-reduced.
+activation checkpointing, and the scalar is the only thing all-reduced. Under ZeRO-3 the LoRA factors exist
+only inside the forward, so :meth:`FisherBarrier.factor_gradients` gathers them (they are small), forms
+lambda * grad R on detached copies, and the trainer adds it to DeepSpeed's partitioned gradients.
 """
 
 from __future__ import annotations
@@ -60,10 +62,10 @@ class BarrierTerm:
     start: int
     shape: tuple[int, int]
 
-    def local_sum(self, eps2: float, chunk_rows: int) -> torch.Tensor:
-        """This fragment's part of R; differentiable in the LoRA factors."""
+    def local_sum(self, eps2: float, chunk_rows: int, factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """This fragment's part of R; differentiable in the LoRA factors (or in ``factors`` = (A, B) given)."""
         d_out, d_in = self.shape
-        a, b = self.module.lora_a, self.module.lora_b
+        a, b = factors or (self.module.lora_a, self.module.lora_b)
         end = self.start + self.d.numel()
         r0, r1 = self.start // d_in, -(-end // d_in)
         if _is_dtensor(b):  # FSDP2: the local rows of B are exactly the fragment's rows
@@ -130,6 +132,38 @@ class FisherBarrier:
         if not parts:
             return torch.zeros((), dtype=torch.float32)
         return torch.stack(parts).sum()
+
+    def factor_gradients(self, lam: float) -> tuple[dict[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """ZeRO-3 path: ``({LoRA parameter: lambda * dR/dparam}, global R)``, summed over ranks.
+
+        Collective: every rank gathers every factor (DeepSpeed's ``GatheredParameters``), whatever its fragment.
+        """
+        import deepspeed
+
+        params = [p for t in self.terms for p in (t.module.lora_a, t.module.lora_b)]
+        grads = {p: torch.zeros(p.ds_shape, dtype=torch.float32, device=p.device) for p in params}
+        total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            for t in self.terms:
+                if t.d.numel() == 0:
+                    continue
+                a, b = (x.detach().clone().requires_grad_(True) for x in (t.module.lora_a, t.module.lora_b))
+                with torch.enable_grad():
+                    part = t.local_sum(self.eps2, self.chunk_rows, (a, b))
+                    ga, gb = torch.autograd.grad(part, (a, b))
+                grads[t.module.lora_a] += ga.float()
+                grads[t.module.lora_b] += gb.float()
+                total += part.detach().double()
+        flat = torch.cat([total.reshape(1).float()] + [g.reshape(-1) for g in grads.values()])
+        if dist.is_initialized():
+            dist.all_reduce(flat)
+        r = flat[0].double()
+        keep = float(r <= R_CLIP) * float(lam)
+        out, offset = {}, 1
+        for p, g in grads.items():
+            out[p] = flat[offset : offset + g.numel()].view_as(g) * keep
+            offset += g.numel()
+        return out, r.clamp(0, R_CLIP)
 
     def loss_term(self, lam: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(this rank's contribution to the loss, the global R for logging).

@@ -52,6 +52,16 @@ def _all_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _add_to_zero_grads(extra: dict[torch.Tensor, torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    """Add full-size gradients to DeepSpeed's (partitioned, already averaged) gradients; returns ``value``."""
+    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+    for p, g in extra.items():
+        current = safe_get_full_grad(p)
+        safe_set_full_grad(p, current + g.to(current.dtype).view_as(current))
+    return value
+
+
 class SuvTrainer:
     """One object per training run: the wrapped model, its data, the regulariser and the projector."""
 
@@ -62,7 +72,8 @@ class SuvTrainer:
         self.w, self.pairs, self.retain, self.cfg, self.pad_id, self.barrier = wrapped, pairs, retain, settings, pad_id, barrier
         self.rank, self.world = _world()
         self.params = [p for p in wrapped.unwrapped.parameters() if p.requires_grad]
-        self.projector = RetainProjector(self.params, settings.ema_alpha) if settings.projection else None
+        zero = wrapped.backend.startswith("zero")
+        self.projector = RetainProjector(self.params, settings.ema_alpha, zero) if settings.projection else None
         if settings.projection and not retain:
             raise ValueError("train.projection needs retain texts")
         self.schedule = LambdaSchedule(settings.lam, settings.lambda_schedule)
@@ -115,10 +126,13 @@ class SuvTrainer:
         dpo = self._dpo(idx, n_real)
         loss = dpo
         reg = torch.zeros((), dtype=torch.float64)
-        if self.barrier is not None and lam > 0:
+        barrier_outside = self.w.backend == "zero3"  # ZeRO-3: the factors exist only inside the forward
+        if self.barrier is not None and lam > 0 and not barrier_outside:
             term, reg = self.barrier.loss_term(lam)
             loss = loss + term.to(loss.dtype)
         self.w.backward(loss)
+        if self.barrier is not None and lam > 0 and barrier_outside:
+            reg = _add_to_zero_grads(*self.barrier.factor_gradients(lam))
         if self.projector is not None:
             self.projector.project()
         if self.cfg.max_grad_norm is not None and not self.w.backend.startswith("zero"):
