@@ -34,11 +34,9 @@ $(STAMP): pyproject.toml | $(PY)
 test: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-# Until the SUV demo recipe (configs/suv/tiny.yaml) lands, the main job is a sharded Fisher estimate on
-# the shipped tiny world under FSDP2 with 2 local processes, exported to safetensors.
+# The main job: SUV copyright unlearning on the shipped tiny world (configs/suv/tiny.yaml, FSDP2 x 2).
 demo: $(STAMP)
-	$(VENV)/bin/fisherdist fisher configs/fisher/tiny.yaml dist.backend=fsdp2 dist.nproc=2 out=runs/demo
-	$(VENV)/bin/fisherdist export runs/demo --out runs/demo/fisher.safetensors
+	$(VENV)/bin/fisherdist demo --out runs/demo
 
 world: $(STAMP)
 	$(VENV)/bin/fisherdist world build --out runs/world

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from fisherdist.atomic import swap_in
 from fisherdist.errors import CheckpointError
 from fisherdist.fisher.state import FisherState
 
@@ -46,12 +47,7 @@ def save_fisher(state: FisherState, path: str | Path) -> Path:
     dcp.save({KEY: state}, checkpoint_id=str(tmp))
     _barrier()
     if _rank0():
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        if old.exists():
-            shutil.rmtree(old)
+        swap_in(tmp, path)
     _barrier()
     return path
 

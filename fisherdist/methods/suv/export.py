@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fisherdist.atomic import atomic_dir
 from fisherdist.errors import FisherdistError
 from fisherdist.models.peft_utils import LoraSettings, apply_lora
 
@@ -45,8 +46,9 @@ def save_base_copy(base_path: str | Path, out_dir: str | Path, dtype: torch.dtyp
 
     out = Path(out_dir)
     if _rank() == 0:
-        AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).save_pretrained(out)
-        _copy_tokenizer(base_path, out)
+        with atomic_dir(out) as tmp:
+            AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).save_pretrained(tmp)
+            _copy_tokenizer(base_path, tmp)
     return out
 
 
@@ -67,8 +69,9 @@ def export_adapter(
     with torch.no_grad():
         for name, t in lora_tensors.items():
             own[name].copy_(t.to(own[name].dtype))
-    model.save_pretrained(adapter_dir)
+    with atomic_dir(adapter_dir) as tmp:
+        model.save_pretrained(tmp)
     if merged_dir is not None:
-        merged = model.merge_and_unload()
-        merged.save_pretrained(merged_dir)
-        _copy_tokenizer(base_path, Path(merged_dir))
+        with atomic_dir(merged_dir) as tmp:
+            model.merge_and_unload().save_pretrained(tmp)
+            _copy_tokenizer(base_path, tmp)

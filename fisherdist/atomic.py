@@ -1,0 +1,38 @@
+"""Directory writes that an interruption cannot half-finish: write a hidden sibling, then swap it in.
+
+The previous directory (if any) is renamed aside before the new one takes its name and deleted only after,
+so at every instant either the old or the new complete directory sits at the final path.
+"""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def swap_in(tmp: Path, final: Path) -> Path:
+    """Rename ``tmp`` to ``final``, replacing an existing ``final`` without a moment where neither exists."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``final``; swap it in on success, delete it on error."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    swap_in(tmp, final)
