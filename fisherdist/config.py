@@ -53,6 +53,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     path: str = Field(description="local Hugging Face model directory (or @world/model)")
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    load: Literal["full", "sharded"] = Field(
+        "full", description="full: every rank loads the whole model; sharded (FSDP2): each rank reads only its rows")
 
     @field_validator("path")
     @classmethod

@@ -12,19 +12,15 @@ from safetensors.torch import load_file
 from fisherdist.config import default_world_dir
 from fisherdist.models.load import load_model_and_tokenizer
 from fisherdist.world.build import build_world
-from fisherdist.world.measure import measure_world, verdicts
-
-# Known gap (issue 2 note): the downstream task is not learned yet by the shipped build.
-MEASURED_AND_MET = ["verbatim_frac_lcs24", "forget_accuracy", "retain_accuracy", "unsafe_refusal_rate",
-                    "safe_refusal_rate", "heldout_ppl_ratio"]
-
+from fisherdist.world.measure import THRESHOLDS, measure_world, verdicts
 
 def test_shipped_world_has_each_behaviour():
     world = default_world_dir()
     model, tok = load_model_and_tokenizer(world / "model")
     got = verdicts(measure_world(model, tok, world / "data"))
-    for name in MEASURED_AND_MET:
-        assert got[name]["pass"], (name, got[name])
+    assert set(got) == set(THRESHOLDS)  # every thresholded behaviour, the downstream task included
+    for name, verdict in got.items():
+        assert verdict["pass"], (name, verdict)
 
 
 @pytest.fixture(scope="module")

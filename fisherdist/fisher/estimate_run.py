@@ -12,11 +12,11 @@ import torch.distributed as dist
 from fisherdist.data.batches import load_texts, rank_batches, tokenize
 from fisherdist.dist.env import init_distributed, teardown
 from fisherdist.dist.preempt import PreemptionHandler
-from fisherdist.dist.wrap import wrap_model
 from fisherdist.fisher.accumulator import FisherAccumulator
 from fisherdist.fisher.checkpoint import load_fisher, save_fisher
 from fisherdist.fisher.run import check_health, fisher_step, make_accumulator
-from fisherdist.models.load import load_model_and_tokenizer
+from fisherdist.models.load import load_tokenizer
+from fisherdist.models.sharded_load import load_wrapped
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -68,9 +68,9 @@ def run_fisher(cfg, config_text: str) -> int:  # noqa: ANN001 - FisherRunConfig 
 def _run(cfg, config_text: str, env) -> int:  # noqa: ANN001
     torch.manual_seed(cfg.fisher.seed)
     out = Path(cfg.out)
-    model, tokenizer = load_model_and_tokenizer(cfg.model.path, dtype=DTYPES[cfg.model.dtype])
-    model.to(env.device)
-    wrapped = wrap_model(model, cfg.dist.backend)
+    tokenizer = load_tokenizer(cfg.model.path)
+    wrapped = load_wrapped(cfg.model.path, DTYPES[cfg.model.dtype], cfg.dist.backend, env.device, load=cfg.model.load,
+                           seed=cfg.fisher.seed)
     acc = make_accumulator(wrapped, cfg.fisher)
     ckpt = out / "fisher"
     if cfg.resume and (ckpt / ".metadata").is_file():

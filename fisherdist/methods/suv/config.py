@@ -83,6 +83,8 @@ class SuvConfig(Section):
     @model_validator(mode="after")
     def _backend_fits(self) -> "SuvConfig":
         zero = self.dist.backend.startswith("zero")
+        if self.model.load == "sharded" and self.dist.backend != "fsdp2":
+            raise ValueError(f"model.load=sharded needs dist.backend=fsdp2, got {self.dist.backend}")
         if self.deepspeed is not None and not zero:
             raise ValueError(f"deepspeed: given, but dist.backend={self.dist.backend} is not zero1/zero2/zero3")
         return self

@@ -57,17 +57,14 @@ class SuvRecipe:
     def _wrap(self) -> Any:
         """Base model + fresh LoRA (B = 0), wrapped for the backend, with the optimizer."""
         if self.wrapped is None:
-            from transformers import AutoModelForCausalLM
-
-            from fisherdist.dist.wrap import wrap_model
             from fisherdist.models.peft_utils import apply_lora
+            from fisherdist.models.sharded_load import load_wrapped
 
-            torch.manual_seed(self.cfg.train.seed)  # LoRA A init: identical on every rank
-            base = AutoModelForCausalLM.from_pretrained(self.cfg.model.path, dtype=self.dtype).to(self.env.device)
-            model = apply_lora(base, self.cfg.lora)
-            t = self.cfg.train
+            t, m = self.cfg.train, self.cfg.model
             opt = lambda ps: torch.optim.AdamW(ps, lr=t.lr, weight_decay=t.weight_decay)  # noqa: E731
-            self.wrapped = wrap_model(model, self.cfg.dist.backend, optimizer_factory=opt, **self.cfg.backend_options())
+            self.wrapped = load_wrapped(m.path, self.dtype, self.cfg.dist.backend, self.env.device, load=m.load,
+                                        prepare=lambda base: apply_lora(base, self.cfg.lora), optimizer_factory=opt,
+                                        seed=t.seed, **self.cfg.backend_options())
         return self.wrapped
 
     def pairs(self) -> list:

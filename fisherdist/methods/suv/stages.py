@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 
 from fisherdist.data.jsonl import read_records, split_encode, write_jsonl
 from fisherdist.errors import FisherdistError
@@ -20,12 +19,16 @@ if TYPE_CHECKING:
     from fisherdist.methods.suv.train import PairTokens
 
 
-def plain_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> Any:
-    from transformers import AutoModelForCausalLM
+def plain_model(r: "SuvRecipe", path: str | Path) -> Any:
+    """A model to generate with: a full copy per rank, or one copy sharded over the ranks, which run it
+    together (the generator makes the same forward calls on every rank) -- FSDP2 with
+    ``model.load=sharded``, and ZeRO-3 (its parameters are partitioned anyway)."""
+    from fisherdist.models.sharded_load import load_wrapped
 
     if not (Path(path) / "config.json").is_file():
         raise FisherdistError(f"no Hugging Face model directory at {path} (run the earlier SUV stages first)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    backend = {"sharded": "fsdp2"}.get(r.cfg.model.load, "zero3" if r.cfg.dist.backend == "zero3" else "none")
+    return load_wrapped(path, r.dtype, backend, r.env.device, load=r.cfg.model.load).module.eval()
 
 
 def _write_json(r: "SuvRecipe", name: str, value: Any) -> None:
@@ -41,7 +44,7 @@ def mine(r: "SuvRecipe") -> None:
 
     s = r.cfg.mine
     passages = load_passages(r.cfg.data.books, r.tokenizer, s.book_field, s.text_field)
-    model = plain_model(r.cfg.model.path, r.dtype, r.env.device)
+    model = plain_model(r, r.cfg.model.path)
     gen = HFGenerator.for_tokenizer(model, r.tokenizer, temperature=s.temperature, batch_size=s.batch_size)
     rows, summary = mine_rows(passages, gen, r.tokenizer, s)
     if not rows:
@@ -57,7 +60,7 @@ def prefs(r: "SuvRecipe") -> None:
     """Stage 2: ``mined.jsonl`` -> ``prefs.jsonl`` (chosen = a non-verbatim continuation)."""
     from fisherdist.methods.suv.prefs import prefs_file
 
-    model = plain_model(r.cfg.model.path, r.dtype, r.env.device)
+    model = plain_model(r, r.cfg.model.path)
     _, summary = prefs_file(r.out / "mined.jsonl", r.out / "prefs.jsonl", model, r.tokenizer, r.cfg.prefs)
     _write_json(r, "prefs_summary.json", summary)
     r.log(f"prefs: {summary}")
@@ -111,8 +114,8 @@ def eval(r: "SuvRecipe") -> None:  # noqa: A001 - the stage is called eval on th
     """Stage 5: before (base) vs after (``models/unlearned``) -> ``report.json``, ``report.png``."""
     from fisherdist.methods.suv.report import summary_table, write_report
 
-    before = _metrics(r, plain_model(r.cfg.model.path, r.dtype, r.env.device))
-    after = _metrics(r, plain_model(r.out / "models" / "unlearned", r.dtype, r.env.device))
+    before = _metrics(r, plain_model(r, r.cfg.model.path))
+    after = _metrics(r, plain_model(r, r.out / "models" / "unlearned"))
     if r.rank == 0:
         write_jsonl(r.out / "protected.jsonl", protected_rows(r))
         report = write_report(r.out, before, after, r.cfg.memorization.main_threshold)

@@ -1,0 +1,135 @@
+"""Load a large HF model straight into FSDP2 shards: every rank reads only its own rows from disk.
+
+``from_pretrained`` on every rank needs a full copy per process (140 GB at 70B in bf16, times 8 ranks per
+node). Here the architecture is built with its *parameters* on the meta device (buffers such as the
+rotary ``inv_freq`` stay real; accelerate's ``init_empty_weights``), adapted (LoRA) and wrapped with
+``fully_shard``; then each rank allocates its local shards and copies its rows out of the memory-mapped
+safetensors files (``get_slice`` reads only those bytes). Parameters that the checkpoint lacks (LoRA
+factors) are initialised on CPU from a generator seeded by their name, identically on every rank, as PEFT
+initialises them (A: Kaiming-uniform, B: zeros).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from fisherdist.errors import FisherdistError
+from fisherdist.models.load import _dtype, model_dir
+
+PEFT_PREFIX = "base_model.model."
+
+
+def build_empty(path: str | Path, dtype: str | torch.dtype) -> nn.Module:
+    """The causal LM of ``path`` with parameters on the meta device and real buffers (no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir(path)), local_files_only=True)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=_dtype(dtype))
+    return model
+
+
+def checkpoint_files(path: str | Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (sharded ``*.index.json`` or one ``model.safetensors``)."""
+    p = model_dir(path)
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {name: p / file for name, file in weight_map.items()}
+    single = p / "model.safetensors"
+    if not single.is_file():
+        raise FisherdistError(f"{p}: model.load=sharded needs safetensors weights (model.safetensors or an index)")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def checkpoint_name(fqn: str) -> str:
+    """Parameter name in a (PEFT-wrapped) model -> its name in the HF checkpoint."""
+    name = fqn[len(PEFT_PREFIX):] if fqn.startswith(PEFT_PREFIX) else fqn
+    return name.replace(".base_layer.", ".")
+
+
+def initial_value(fqn: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Full CPU initial value of a parameter absent from the checkpoint (LoRA A / B), the same on every rank."""
+    if ".lora_B." in fqn:
+        return torch.zeros(shape)
+    if ".lora_A." not in fqn:
+        raise FisherdistError(f"parameter {fqn} is neither in the checkpoint nor a LoRA factor")
+    digest = int.from_bytes(hashlib.sha256(f"{seed}:{fqn}".encode()).digest()[:8], "little")
+    gen = torch.Generator().manual_seed(digest)
+    bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) of a (r, d_in) weight, as PEFT uses
+    return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+
+
+def _local_rows(param: Any) -> tuple[torch.Tensor, int, int]:
+    """(writable local tensor, first row, rows) of a parameter: FSDP2's Shard(0) chunk, or everything."""
+    if not hasattr(param, "to_local"):
+        return param.data, 0, param.shape[0]
+    local = param.to_local()
+    rank, world = param.device_mesh.get_local_rank(), param.device_mesh.size()
+    chunk = math.ceil(param.shape[0] / world)
+    return local, min(rank * chunk, param.shape[0]), local.shape[0]
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, path: str | Path, device: torch.device | str, seed: int = 0) -> None:
+    """Allocate every local shard on ``device`` and fill it from ``path`` (after ``fully_shard``)."""
+    from safetensors import safe_open
+
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    model.to_empty(device=device)
+    for n, b in model.named_buffers():
+        b.copy_(buffers[n])
+    files = checkpoint_files(path)
+    handles: dict[Path, Any] = {}
+    for fqn, param in model.named_parameters():
+        local, r0, rows = _local_rows(param)
+        name = checkpoint_name(fqn)
+        if name in files:
+            f = handles.setdefault(files[name], safe_open(str(files[name]), framework="pt"))
+            value = f.get_slice(name)[r0 : r0 + rows]
+        else:
+            value = initial_value(fqn, tuple(param.shape), seed)[r0 : r0 + rows]
+        if tuple(value.shape) != tuple(local.shape):
+            raise FisherdistError(f"{path}: tensor {name} has rows of shape {tuple(value.shape)}, the model "
+                                  f"expects {tuple(local.shape)} (a different architecture?)")
+        local.copy_(value)
+
+
+def load_wrapped(path: str | Path, dtype: str | torch.dtype, backend: str, device: torch.device | str, *,
+                 load: str = "full", prepare: Callable[[nn.Module], nn.Module] | None = None,
+                 optimizer_factory: Any = None, seed: int = 0, **options: Any) -> Any:
+    """Model of ``path`` -> ``prepare`` (e.g. add LoRA) -> wrapped for ``backend`` (+ optimizer).
+
+    ``load="full"``: every rank loads the whole model, then wraps it. ``load="sharded"`` (FSDP2 only): the
+    model is wrapped empty and each rank reads just its rows (see the module docstring).
+    """
+    from fisherdist.dist.wrap import _trainable, wrap_model
+    from fisherdist.models.load import load_model
+
+    prepare = prepare or (lambda m: m)
+    if load == "full":
+        model = prepare(load_model(path, dtype))
+        with torch.no_grad():  # the same LoRA initial values as the sharded path, on every rank
+            for fqn, p in model.named_parameters():
+                if ".lora_" in fqn:
+                    p.copy_(initial_value(fqn, tuple(p.shape), seed))
+        return wrap_model(model.to(device), backend, optimizer_factory=optimizer_factory, **options)
+    if backend != "fsdp2":
+        raise FisherdistError(f"model.load=sharded needs dist.backend=fsdp2, got {backend}")
+    model = prepare(build_empty(path, dtype))
+    wrapped = wrap_model(model, backend, **options)
+    materialize(model, path, device, seed)
+    if optimizer_factory is not None:
+        wrapped.optimizer = optimizer_factory(_trainable(model))
+    return wrapped
