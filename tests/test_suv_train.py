@@ -58,6 +58,32 @@ def _zero(rank, world):
     return {stage: train_once(stage, rank, world, batch_size=2) for stage in ("zero2", "zero3")}
 
 
+def _fisher_pass_on_training_engine(rank, world):
+    """The SUV Fisher pass runs on the training engine; under ZeRO it steps to clear gradients."""
+    from fisherdist.dist.wrap import wrap_model
+    from fisherdist.methods.suv.config import FisherSettings
+    from fisherdist.methods.suv.fisher_pass import run_pass
+    from fisherdist.models.peft_utils import LoraSettings
+
+    out = {}
+    for stage in ("zero2", "zero3"):
+        model = tiny_peft(dtype=torch.float32)  # DeepSpeed keeps float32 masters: a float64 model would round
+        w = wrap_model(model, stage, optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1))
+        before = gather_trainable(w)
+        tokens = [list(range(3, 9 + i)) for i in range(6)]
+        run_pass(w, tokens, FisherSettings(batch_size=2), LoraSettings(r=4, alpha=8, dropout=0.0), 0, progress=False).close()
+        out[stage] = (before, gather_trainable(w), [g["lr"] for g in w.optimizer.param_groups],
+                      len(w.optimizer.optimizer.state))
+    return out
+
+
+def test_fisher_pass_leaves_weights_and_optimizer_untouched():
+    for per_stage in run_distributed(_fisher_pass_on_training_engine, 2, timeout=300):
+        for stage, (before, after, lrs, states) in per_stage.items():
+            assert all(torch.equal(before[n], after[n]) for n in before), stage
+            assert lrs == [0.1] * len(lrs) and states == 0, stage
+
+
 def test_zero2_zero3_two_ranks_equal_single_process():
     want_hist, want_w = train_once("none", 0, 1, batch_size=4)
     for per_stage in run_distributed(_zero, 2, timeout=300):

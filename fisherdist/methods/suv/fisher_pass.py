@@ -8,8 +8,9 @@ world size.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,26 @@ def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+@contextmanager
+def optimizer_untouched(wrapped: Any) -> Iterator[None]:
+    """The pass runs on the training model, and under ZeRO only ``engine.step()`` clears gradients: hold the
+    learning rate at 0 meanwhile, then forget the optimizer state those steps created (moments, step count),
+    so training starts exactly as if no pass had run."""
+    opt = wrapped.optimizer
+    if opt is None:
+        yield
+        return
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    try:
+        yield
+    finally:
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+        getattr(opt, "optimizer", opt).state.clear()
+
+
 def run_pass(wrapped: Any, tokens: list[list[int]], fs: FisherSettings, lora: LoraSettings, pad_id: int,
              progress: bool = True) -> FisherAccumulator:
     """One Fisher pass over ``tokens`` (every rank gets the same number of micro-batches)."""
@@ -39,7 +60,8 @@ def run_pass(wrapped: Any, tokens: list[list[int]], fs: FisherSettings, lora: Lo
     batches = rank_batches([t[: fs.max_length] for t in tokens], fs.batch_size, rank, world, pad_id)
     device = next(p for p in wrapped.unwrapped.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    return estimate_fisher(wrapped, batches, fisher_spec(fs, lora), progress=progress, total=len(batches))
+    with optimizer_untouched(wrapped):
+        return estimate_fisher(wrapped, batches, fisher_spec(fs, lora), progress=progress, total=len(batches))
 
 
 def barrier_from(wrapped: Any, accs: dict[str, FisherAccumulator], fs: FisherSettings) -> FisherBarrier:

@@ -28,7 +28,9 @@ def plain_model(r: "SuvRecipe", path: str | Path) -> Any:
     if not (Path(path) / "config.json").is_file():
         raise FisherdistError(f"no Hugging Face model directory at {path} (run the earlier SUV stages first)")
     backend = {"sharded": "fsdp2"}.get(r.cfg.model.load, "zero3" if r.cfg.dist.backend == "zero3" else "none")
-    return load_wrapped(path, r.dtype, backend, r.env.device, load=r.cfg.model.load).module.eval()
+    model = load_wrapped(path, r.dtype, backend, r.env.device, load=r.cfg.model.load).module
+    model.eval()  # (DeepSpeed's engine.eval() returns None)
+    return model
 
 
 def _write_json(r: "SuvRecipe", name: str, value: Any) -> None:
