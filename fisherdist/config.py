@@ -83,6 +83,12 @@ class DistConfig(Section):
     nproc: int = Field(1, ge=1, description="processes to spawn locally when not launched by a launcher")
 
 
+def check_model_load(model: ModelConfig, dist: DistConfig) -> None:
+    """``model.load=sharded`` reads FSDP2 row shards, so it needs ``dist.backend=fsdp2`` (a config error)."""
+    if model.load == "sharded" and dist.backend != "fsdp2":
+        raise ValueError(f"model.load=sharded needs dist.backend=fsdp2, got {dist.backend}")
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
     keys = dotted.split(".")
     node = tree
@@ -117,6 +123,8 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"key '{key}': missing required value"
     msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(err.get("input"), dict):  # a check across keys (a model validator): its message names them
+        return msg if key == "<root>" else f"section '{key}': {msg}"
     return f"key '{key}': got {err.get('input')!r}: {msg}"
 
 

@@ -140,3 +140,15 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
     cfg = _write(tmp_path, "name: from-file\na:\n  b: 1\n  ratio: 0.1\n")
     loaded = load_config(Probe, cfg, ["a.b=3", "x=true", "p=[a,b]", "name=cli"])
     assert loaded == Probe(name="cli", a=Inner(b=3, ratio=0.1), x=True, p=["a", "b"])
+
+
+def test_cross_key_check_is_one_line_naming_the_keys(data_file: Path) -> None:
+    from fisherdist.fisher.cli import FisherRunConfig
+    from fisherdist.methods.suv.config import SuvConfig
+
+    common = ["model.path=@world/model", "out=x", "model.load=sharded", "dist.backend=zero3"]
+    msg = _error(FisherRunConfig, None, [f"data.path={data_file}", *common])
+    assert msg == "command line: model.load=sharded needs dist.backend=fsdp2, got zero3"
+    msg = _error(SuvConfig, None, [f"data.books={data_file}", f"data.retain={data_file}", *common[:2],
+                                   "train.lambda_schedule=adaptive", "train.lam=0"])
+    assert msg == "command line: section 'train': lambda_schedule=adaptive needs lam > 0"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from fisherdist.config import DataConfig, DistConfig, ModelConfig, Section, dump_config, load_config
+from fisherdist.config import DataConfig, DistConfig, ModelConfig, Section, check_model_load, dump_config, load_config
 from fisherdist.fisher.spec import FisherSpec
 
 
@@ -21,6 +21,11 @@ class FisherRunConfig(Section):
     out: str = Field(description="output directory: fisher/ (DCP state), summary.json, config.yaml")
     checkpoint_every: int = Field(0, ge=0, description="save the state every N micro-batch steps (0: only at the end)")
     resume: bool = Field(True, description="continue from out/fisher if it exists (adds to its counts)")
+
+    @model_validator(mode="after")
+    def _load_fits_backend(self) -> "FisherRunConfig":
+        check_model_load(self.model, self.dist)
+        return self
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from fisherdist.config import DataFile, DistConfig, ModelConfig, Section
+from fisherdist.config import DataFile, DistConfig, ModelConfig, Section, check_model_load
 from fisherdist.eval.memorization import MemorizationSettings
 from fisherdist.eval.utility import UtilitySettings
 from fisherdist.methods.suv.mine import MineSettings
@@ -83,8 +83,7 @@ class SuvConfig(Section):
     @model_validator(mode="after")
     def _backend_fits(self) -> "SuvConfig":
         zero = self.dist.backend.startswith("zero")
-        if self.model.load == "sharded" and self.dist.backend != "fsdp2":
-            raise ValueError(f"model.load=sharded needs dist.backend=fsdp2, got {self.dist.backend}")
+        check_model_load(self.model, self.dist)
         if self.deepspeed is not None and not zero:
             raise ValueError(f"deepspeed: given, but dist.backend={self.dist.backend} is not zero1/zero2/zero3")
         return self
