@@ -8,6 +8,7 @@ claim (>= 80% fewer verbatim windows, <= 5% perplexity rise) rests on an indepen
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ import torch
 
 from fisherdist.config import default_world_dir
 from fisherdist.data.jsonl import read_records
+from fisherdist.methods.suv.cli import TINY
 from fisherdist.world import measure
 
 
@@ -86,15 +88,29 @@ def test_demo_exports_load_and_agree(demo):
     assert moved > 1e-4  # the adapter changed the model
 
 
+def _same_run(a_dir, a, b_dir, b):
+    assert (b_dir / "mined.jsonl").read_text() == (a_dir / "mined.jsonl").read_text()
+    for side in ("before", "after"):
+        x, y = a[side]["memorization"]["overall"], b[side]["memorization"]["overall"]
+        assert (x["verbatim"], x["windows"]) == (y["verbatim"], y["windows"]), side
+        assert abs(x["mean_lcs"] - y["mean_lcs"]) <= 0.05 * max(x["mean_lcs"], 1), side
+        ppl, ppl_b = a[side]["perplexity"]["perplexity"], b[side]["perplexity"]["perplexity"]
+        assert abs(ppl_b / ppl - 1) < 1e-3, side
+    log, log_b = (json.loads((d / "train_log.json").read_text()) for d in (a_dir, b_dir))
+    assert len(log) == len(log_b) and log_b[0]["dpo"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(log[-1]["dpo"] - log_b[-1]["dpo"]) < 1e-3
+
+
 def test_sharded_loading_reproduces_the_demo(demo, tmp_path):
     """model.load=sharded: ranks read only their rows, generate with the FSDP2-sharded model -- same run."""
-    (out, report), (out_s, report_s) = demo, _run_demo(tmp_path / "sharded", "model.load=sharded")
-    assert (out_s / "mined.jsonl").read_text() == (out / "mined.jsonl").read_text()
-    for side in ("before", "after"):
-        a, b = report[side]["memorization"]["overall"], report_s[side]["memorization"]["overall"]
-        assert (a["verbatim"], a["windows"]) == (b["verbatim"], b["windows"]), side
-        assert abs(a["mean_lcs"] - b["mean_lcs"]) <= 0.05 * max(a["mean_lcs"], 1), side
-        ppl, ppl_s = report[side]["perplexity"]["perplexity"], report_s[side]["perplexity"]["perplexity"]
-        assert abs(ppl_s / ppl - 1) < 1e-3, side
-    log, log_s = (json.loads((d / "train_log.json").read_text()) for d in (out, out_s))
-    assert abs(log[-1]["dpo"] - log_s[-1]["dpo"]) < 1e-3 and len(log) == len(log_s)
+    _same_run(*demo, *_run_demo(tmp_path / "sharded", "model.load=sharded"))
+
+
+def test_zero3_pipeline_reproduces_the_demo(demo, tmp_path):
+    """Every stage under DeepSpeed ZeRO-3: partitioned generation, the Fisher pass on the training engine
+    (which must not move the adapter), barrier and projection through DeepSpeed's gradients."""
+    out = tmp_path / "zero3"
+    run = subprocess.run([sys.executable, "-m", "fisherdist", "suv", "run", str(TINY), f"out={out}",
+                          "dist.backend=zero3", "dist.nproc=2"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    _same_run(*demo, out, json.loads((out / "report.json").read_text()))
