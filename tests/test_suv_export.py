@@ -32,3 +32,39 @@ def test_adapter_and_merged_model(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
         assert (base(input_ids=ids).logits - want).abs().max() > 1e-2  # the adapter does change the model
+
+
+def test_task_vector_merge_command(tmp_path):
+    """`fisherdist merge` (SUV-TV) against the formula on the state dicts, float64."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_hf import build_model_dir
+
+    base_dir = build_model_dir(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    w0 = {k: v.clone() for k, v in base.state_dict().items()}
+    dirs, sds = [], []
+    for i in (1, 2):
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in base.parameters():
+                p.copy_(p + 0.01 * torch.randn(p.shape, generator=g))
+        sds.append({k: v.clone() for k, v in base.state_dict().items()})
+        base.save_pretrained(tmp_path / f"m{i}")
+        dirs.append(str(tmp_path / f"m{i}"))
+    run = subprocess.run([sys.executable, "-m", "fisherdist", "merge", *dirs, "--base", str(base_dir),
+                          "--out", str(tmp_path / "tv"), "--weights", "1", "0.5"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "tv", dtype=torch.float32).state_dict()
+    for name, t in w0.items():
+        adapted = any(name.endswith(f"{m}.weight") for m in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        want = t.double() + ((sds[0][name].double() - t.double()) + 0.5 * (sds[1][name].double() - t.double())
+                             if adapted else 0)
+        torch.testing.assert_close(got[name].double(), want, rtol=0, atol=1e-6, msg=name)
+    assert (tmp_path / "tv" / "tokenizer_config.json").is_file()
+    bad = subprocess.run([sys.executable, "-m", "fisherdist", "merge", *dirs, "--base", str(base_dir),
+                          "--out", str(tmp_path / "x"), "--weights", "1"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--weights: got 1 values for 2 models" in bad.stderr

@@ -33,7 +33,7 @@ def gather_trainable(wrapped: Any) -> dict[str, torch.Tensor]:
     return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone() for n, p in params}
 
 
-def _copy_tokenizer(src: str | Path, dst: Path) -> None:
+def copy_tokenizer(src: str | Path, dst: Path) -> None:
     from transformers import AutoTokenizer
 
     if (Path(src) / "tokenizer_config.json").is_file() or (Path(src) / "tokenizer.json").is_file():
@@ -48,7 +48,7 @@ def save_base_copy(base_path: str | Path, out_dir: str | Path, dtype: torch.dtyp
     if _rank() == 0:
         with atomic_dir(out) as tmp:
             AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).save_pretrained(tmp)
-            _copy_tokenizer(base_path, tmp)
+            copy_tokenizer(base_path, tmp)
     return out
 
 
@@ -74,4 +74,4 @@ def export_adapter(
     if merged_dir is not None:
         with atomic_dir(merged_dir) as tmp:
             model.merge_and_unload().save_pretrained(tmp)
-            _copy_tokenizer(base_path, tmp)
+            copy_tokenizer(base_path, tmp)

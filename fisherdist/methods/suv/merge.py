@@ -37,22 +37,19 @@ def merge_task_vectors(
     return out
 
 
-def merge_model_dirs(base_dir: str | Path, model_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+def merge_model_dirs(base_dir: str | Path, model_dirs: Sequence[str | Path], out_dir: str | Path,
+                     weights: Sequence[float] | None = None) -> Path:
     """Merge HF model directories (merged SUV outputs) into ``out_dir`` with the base's config/tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    sds = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).state_dict() for d in model_dirs]
-    base.load_state_dict(merge_task_vectors(base.state_dict(), sds))
-    base.save_pretrained(out_dir)
-    _copy_tokenizer(base_dir, out_dir)
+    from fisherdist.atomic import atomic_dir
+    from fisherdist.methods.suv.export import copy_tokenizer
+    from fisherdist.models.load import model_dir
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir(base_dir), dtype=torch.float32)
+    sds = [AutoModelForCausalLM.from_pretrained(model_dir(d), dtype=torch.float32).state_dict() for d in model_dirs]
+    base.load_state_dict(merge_task_vectors(base.state_dict(), sds, weights=weights))
+    with atomic_dir(out_dir) as tmp:
+        base.save_pretrained(tmp)
+        copy_tokenizer(base_dir, tmp)
     return Path(out_dir)
-
-
-def _copy_tokenizer(src: str | Path, dst: str | Path) -> None:
-    from transformers import AutoTokenizer
-
-    try:
-        AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-    except (OSError, ValueError):
-        pass  # a model directory without a tokenizer stays without one
