@@ -269,6 +269,12 @@ def test_cli_end_to_end_and_bad_inputs(tmp_path, capsys):
     doc = json.loads((tmp_path / "out" / "report.json").read_text())
     assert doc["before"]["overall"] == doc["after"]["overall"] and doc["delta"]["verbatim"] == 0
     assert (tmp_path / "out" / "report.png").is_file() and (tmp_path / "out" / "windows_before.jsonl").is_file()
+    # 2 ranks; "after" loaded sharded (each rank reads its rows, both run the one FSDP2 copy): same report
+    sharded = [*common[:-1], f"out={tmp_path / 'out2'}", f"after.path={tmp_path / 'm'}", "after.dtype=float64",
+               "after.load=sharded", "nproc=2"]
+    assert main(["eval", "memorization", cfg, *sharded]) == 0
+    doc2 = json.loads((tmp_path / "out2" / "report.json").read_text())
+    assert doc2["before"]["overall"] == doc2["after"]["overall"] == doc["before"]["overall"]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"book": "x", "text": "the sea"}\n[1, 2]\n')

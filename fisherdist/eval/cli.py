@@ -36,11 +36,13 @@ class EvalConfig(Section):
 
 
 def _load(mc: ModelConfig, device: Any) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A full copy per rank, or (``load: sharded``) one FSDP2-sharded copy that all ranks run together."""
+    from fisherdist.models.load import load_tokenizer
+    from fisherdist.models.sharded_load import load_wrapped
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[mc.dtype]
-    return AutoModelForCausalLM.from_pretrained(mc.path, dtype=dtype).to(device), AutoTokenizer.from_pretrained(mc.path)
+    backend = "fsdp2" if mc.load == "sharded" else "none"
+    model = load_wrapped(mc.path, mc.dtype, backend, device, load=mc.load).module
+    return model.eval(), load_tokenizer(mc.path)
 
 
 def run(cfg: EvalConfig, config_text: str = "") -> dict[str, Any]:
@@ -52,7 +54,7 @@ def run(cfg: EvalConfig, config_text: str = "") -> dict[str, Any]:
     from fisherdist.eval.report import print_table, write_report
     from fisherdist.eval.suite import evaluate_model
 
-    env = init_distributed()
+    env = init_distributed(require_group=any(mc is not None and mc.load == "sharded" for mc in (cfg.model, cfg.after)))
     m, d = cfg.memorization, cfg.data
     books = read_records(d.books, [m.book_field, m.text_field])  # bad input fails before any model loads
     heldout = [r["text"] for r in read_records(d.heldout, ["text"])] if d.heldout else None
