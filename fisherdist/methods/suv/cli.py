@@ -40,6 +40,11 @@ def _demo(args: argparse.Namespace) -> int:
     from fisherdist.dist.spawn import maybe_spawn
     from fisherdist.methods.suv.config import SuvConfig
 
+    from fisherdist.errors import FisherdistError
+
+    if not TINY.is_file():
+        raise FisherdistError(f"the demo recipe {TINY} is missing: install fisherdist from a checkout "
+                              "(pip install -e .), or run `fisherdist suv run YOUR_RECIPE.yaml`")
     overrides = demo_overrides(args.out, args.overrides)
     cfg = load_config(SuvConfig, TINY, overrides)
     argv = ["demo", "--out", args.out, *args.overrides]
