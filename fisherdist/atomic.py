@@ -12,14 +12,22 @@ from pathlib import Path
 from typing import Iterator
 
 
+def remove(path: Path) -> None:
+    """Delete a directory tree, or just the link when ``path`` is a symlink (never what it points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
 def swap_in(tmp: Path, final: Path) -> Path:
     """Rename ``tmp`` to ``final``, replacing an existing ``final`` without a moment where neither exists."""
     old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
+    remove(old)
+    if final.exists() or final.is_symlink():
         final.rename(old)
     tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    remove(old)
     return final
 
 
@@ -28,7 +36,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``final``; swap it in on success, delete it on error."""
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove(tmp)
     tmp.mkdir(parents=True)
     try:
         yield tmp

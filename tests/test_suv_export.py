@@ -68,3 +68,22 @@ def test_task_vector_merge_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fisherdist", "merge", *dirs, "--base", str(base_dir),
                           "--out", str(tmp_path / "x"), "--weights", "1"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--weights: got 1 values for 2 models" in bad.stderr
+
+
+def test_base_copy_or_link(tmp_path):
+    """models/base: a loadable full copy, or a symlink to the original (real scale); re-runs replace it."""
+    from transformers import AutoModelForCausalLM
+
+    from fisherdist.methods.suv.export import save_base_copy
+    from tests.tiny_hf import build_model_dir
+
+    src = build_model_dir(tmp_path / "src")
+    want = AutoModelForCausalLM.from_pretrained(src).state_dict()
+    out = tmp_path / "run" / "models" / "base"
+    out.parent.mkdir(parents=True)
+    for mode in ("copy", "link", "link", "copy"):
+        save_base_copy(src, out, torch.float32, mode)
+        assert out.is_symlink() == (mode == "link") and (out / "tokenizer_config.json").is_file()
+        got = AutoModelForCausalLM.from_pretrained(out).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["base"]  # no temporary leftovers

@@ -79,6 +79,8 @@ class SuvConfig(Section):
     dist: DistConfig = Field(default_factory=DistConfig)
     deepspeed: dict[str, Any] | None = Field(None, description="DeepSpeed config for dist.backend=zero1/2/3")
     out: str = Field(description="output directory of every stage")
+    base_copy: Literal["copy", "link"] = Field(
+        "copy", description="models/base: a full HF copy of the base, or a symlink to model.path (real scale)")
 
     @model_validator(mode="after")
     def _backend_fits(self) -> "SuvConfig":

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fisherdist.atomic import atomic_dir
+from fisherdist.atomic import atomic_dir, remove, swap_in
 from fisherdist.errors import FisherdistError
 from fisherdist.models.peft_utils import LoraSettings, apply_lora
 
@@ -40,15 +40,23 @@ def copy_tokenizer(src: str | Path, dst: Path) -> None:
         AutoTokenizer.from_pretrained(src).save_pretrained(dst)
 
 
-def save_base_copy(base_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """The unmodified model as an HF directory next to the unlearned one (rank 0 only)."""
+def save_base_copy(base_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
+                   mode: str = "copy") -> Path:
+    """``models/base`` next to the unlearned model (rank 0 only): a full HF copy in ``dtype``, or
+    (``mode="link"``, for 70B-size bases) a symlink to the original directory."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
-    if _rank() == 0:
-        with atomic_dir(out) as tmp:
-            AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).save_pretrained(tmp)
-            copy_tokenizer(base_path, tmp)
+    if _rank() != 0:
+        return out
+    if mode == "link":
+        tmp = out.with_name(f".{out.name}.tmp")
+        remove(tmp)
+        tmp.symlink_to(Path(base_path).resolve(), target_is_directory=True)
+        return swap_in(tmp, out)
+    with atomic_dir(out) as tmp:
+        AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).save_pretrained(tmp)
+        copy_tokenizer(base_path, tmp)
     return out
 
 

@@ -104,7 +104,7 @@ class SuvRecipe:
         models = self.out / "models"
         if self.rank == 0:
             (self.out / "train_log.json").write_text(json.dumps(history, indent=1))
-            save_base_copy(self.cfg.model.path, models / "base", self.dtype)
+            save_base_copy(self.cfg.model.path, models / "base", self.dtype, self.cfg.base_copy)
             export_adapter(tensors, self.cfg.model.path, self.cfg.lora, models / "adapter", models / "unlearned", self.dtype)
         _barrier()
         first, last = history[0], history[-1]
