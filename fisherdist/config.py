@@ -54,7 +54,7 @@ class ModelConfig(Section):
     path: str = Field(description="local Hugging Face model directory (or @world/model)")
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"
     load: Literal["full", "sharded"] = Field(
-        "full", description="full: every rank loads the whole model; sharded (FSDP2): each rank reads only its rows")
+        "full", description="full: every rank loads the whole model; sharded (FSDP2, ZeRO-3): no rank holds it whole")
 
     @field_validator("path")
     @classmethod
@@ -84,9 +84,9 @@ class DistConfig(Section):
 
 
 def check_model_load(model: ModelConfig, dist: DistConfig) -> None:
-    """``model.load=sharded`` reads FSDP2 row shards, so it needs ``dist.backend=fsdp2`` (a config error)."""
-    if model.load == "sharded" and dist.backend != "fsdp2":
-        raise ValueError(f"model.load=sharded needs dist.backend=fsdp2, got {dist.backend}")
+    """``model.load=sharded`` loads into FSDP2 row shards or ZeRO-3 partitions, so it needs one of those."""
+    if model.load == "sharded" and dist.backend not in ("fsdp2", "zero3"):
+        raise ValueError(f"model.load=sharded needs dist.backend=fsdp2 or zero3, got {dist.backend}")
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:

@@ -67,6 +67,38 @@ def test_sharded_load_equals_from_pretrained(tmp_path, split_index):
     assert sum(local0.values()) + sum(local1.values()) == sum(t.numel() for t in want.values())  # no rank holds it all
 
 
+def _load_zero3(rank, world, path):
+    import deepspeed
+
+    w = load_wrapped(path, torch.float32, "zero3", "cpu", load="sharded", prepare=lambda m: apply_lora(m, LORA), seed=7)
+    named = list(w.unwrapped.named_parameters())
+    local = {n: p.ds_tensor.numel() for n, p in named}
+    with deepspeed.zero.GatheredParameters([p for _, p in named]):
+        params = {n: p.detach().clone() for n, p in named}
+    logits = w.module(input_ids=torch.tensor([[1, 5, 9, 3, 7, 2]])).logits.detach()
+    return params, logits, local
+
+
+def test_zero3_partitioned_load_equals_from_pretrained(tmp_path):
+    """ZeRO-3: the model is partitioned while transformers loads it (HfDeepSpeedConfig -> zero.Init)."""
+    from transformers import AutoModelForCausalLM
+
+    path = build_model_dir(tmp_path)
+    ref = apply_lora(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), LORA)
+    for m in adapted_modules(ref):
+        with torch.no_grad():
+            a = f"{m.name}.lora_A.default.weight"
+            m.lora_a.copy_(initial_value(a, tuple(m.lora_a.shape), 7))
+    (p0, logits0, local0), (p1, logits1, local1) = run_distributed(_load_zero3, 2, path, timeout=240)
+    for name, t in ref.named_parameters():
+        torch.testing.assert_close(p0[name], t.detach(), rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(p1[name], t.detach(), rtol=0, atol=0, msg=name)
+        assert local0[name] < t.numel() or t.numel() == 1, name  # every tensor is partitioned
+    with torch.no_grad():
+        torch.testing.assert_close(logits0, ref(input_ids=torch.tensor([[1, 5, 9, 3, 7, 2]])).logits)
+    torch.testing.assert_close(logits1, logits0)
+
+
 def test_kaiming_bound_of_lora_a_init():
     a = initial_value("x.lora_A.default.weight", (64, 400), seed=0)
     assert a.abs().max() <= 1 / 400**0.5 and a.abs().max() > 0.9 / 400**0.5  # U(-1/sqrt(fan_in), +)
@@ -77,7 +109,7 @@ def test_sharded_load_errors(tmp_path):
     with pytest.raises(FisherdistError, match="safetensors"):
         (tmp_path / "config.json").write_text("{}")
         checkpoint_files(tmp_path)
-    with pytest.raises(FisherdistError, match="needs dist.backend=fsdp2"):
-        load_wrapped(build_model_dir(tmp_path / "m"), torch.float32, "zero3", "cpu", load="sharded")
+    with pytest.raises(FisherdistError, match="needs dist.backend=fsdp2 or zero3"):
+        load_wrapped(build_model_dir(tmp_path / "m"), torch.float32, "zero2", "cpu", load="sharded")
     with pytest.raises(FisherdistError, match="neither in the checkpoint nor a LoRA factor"):
         initial_value("model.layers.0.mlp.up_proj.weight", (4, 4), 0)

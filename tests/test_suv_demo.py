@@ -107,10 +107,12 @@ def test_sharded_loading_reproduces_the_demo(demo, tmp_path):
 
 
 def test_zero3_pipeline_reproduces_the_demo(demo, tmp_path):
-    """Every stage under DeepSpeed ZeRO-3: partitioned generation, the Fisher pass on the training engine
-    (which must not move the adapter), barrier and projection through DeepSpeed's gradients."""
+    """Every stage under DeepSpeed ZeRO-3: the model partitioned while it loads (zero.Init), partitioned
+    generation, the Fisher pass on the training engine (which must not move the adapter), barrier and
+    projection through DeepSpeed's gradients."""
     out = tmp_path / "zero3"
     run = subprocess.run([sys.executable, "-m", "fisherdist", "suv", "run", str(TINY), f"out={out}",
-                          "dist.backend=zero3", "dist.nproc=2"], capture_output=True, text=True, timeout=900)
+                          "dist.backend=zero3", "dist.nproc=2", "model.load=sharded"],
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     _same_run(*demo, out, json.loads((out / "report.json").read_text()))

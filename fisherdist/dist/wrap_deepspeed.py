@@ -48,20 +48,13 @@ def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def wrap_zero(stage: int, model: nn.Module, opt: OptimizerFactory | None, *,
-              zero_config: dict[str, Any] | None = None, **options: Any) -> Wrapped:
-    """``deepspeed.initialize`` at ZeRO ``stage``; ``options`` are :func:`deepspeed_config` keywords and
+def engine_config(stage: int, dtype: torch.dtype, zero_config: dict[str, Any] | None = None,
+                  **options: Any) -> dict[str, Any]:
+    """The DeepSpeed config of :func:`wrap_zero`: ``options`` are :func:`deepspeed_config` keywords and
     ``zero_config`` a raw DeepSpeed config merged over them (a recipe's ``deepspeed:`` section). The stage
     always comes from the backend name, and ``train_batch_size`` is re-derived after merging."""
     import torch.distributed as dist
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        import deepspeed
-    except ImportError as err:  # pragma: no cover - deepspeed is a dependency
-        raise FisherdistError(f"dist.backend=zero{stage} needs deepspeed (pip install 'deepspeed>=0.19,<0.20'): {err}") from err
-    dtype = next(model.parameters()).dtype
     if dtype not in (torch.float32, torch.float64, torch.bfloat16):
         raise FisherdistError(f"dist.backend=zero{stage}: model dtype {dtype} is not supported by DeepSpeed on this path "
                               "(use float32, float64 or bfloat16)")
@@ -70,8 +63,44 @@ def wrap_zero(stage: int, model: nn.Module, opt: OptimizerFactory | None, *,
     config["zero_optimization"]["stage"] = stage
     config["train_batch_size"] = (config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
                                   * dist.get_world_size())
+    return config
+
+
+def _import_deepspeed(stage: int) -> Any:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as err:  # pragma: no cover - deepspeed is a dependency
+        raise FisherdistError(f"dist.backend=zero{stage} needs deepspeed (pip install 'deepspeed>=0.19,<0.20'): {err}") from err
+    return deepspeed
+
+
+def wrap_zero(stage: int, model: nn.Module, opt: OptimizerFactory | None, *,
+              zero_config: dict[str, Any] | None = None, **options: Any) -> Wrapped:
+    """``deepspeed.initialize`` at ZeRO ``stage`` with :func:`engine_config`."""
+    deepspeed = _import_deepspeed(stage)
+    config = engine_config(stage, next(model.parameters()).dtype, zero_config, **options)
     params = _trainable(model)
     optimizer = opt(params) if opt else torch.optim.SGD(params, lr=0.0)  # lr 0: a Fisher pass never moves weights
     engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                 dist_init_required=False)
     return Wrapped(f"zero{stage}", engine, model, ds_opt, extras={"deepspeed_config": config})
+
+
+def load_partitioned(load: Any, dtype: torch.dtype, zero_config: dict[str, Any] | None = None, **options: Any) -> nn.Module:
+    """Run ``load()`` (a ``from_pretrained``) with ZeRO-3 partitioning at construction (transformers'
+    ``HfDeepSpeedConfig`` -> ``deepspeed.zero.Init``): no rank ever holds the whole model, and
+    :func:`wrap_zero` later takes the partitioned parameters as they are."""
+    import torch.distributed as dist
+
+    deepspeed = _import_deepspeed(3)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # zero.Init runs before deepspeed.initialize: attach DeepSpeed's comm layer to our group now
+    deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+
+    hf_config = HfDeepSpeedConfig(engine_config(3, dtype, zero_config, **options))  # transformers holds a weakref
+    model = load()
+    del hf_config  # models built after this are not partitioned at construction
+    return model

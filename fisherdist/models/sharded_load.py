@@ -106,27 +106,42 @@ def materialize(model: nn.Module, path: str | Path, device: torch.device | str, 
         local.copy_(value)
 
 
+@torch.no_grad()
+def _init_lora(model: nn.Module, seed: int) -> None:
+    """The same LoRA initial values as the FSDP2 sharded path, on every rank (whole, not yet partitioned)."""
+    for fqn, p in model.named_parameters():
+        if ".lora_" in fqn:
+            p.copy_(initial_value(fqn, tuple(p.shape), seed))
+
+
 def load_wrapped(path: str | Path, dtype: str | torch.dtype, backend: str, device: torch.device | str, *,
                  load: str = "full", prepare: Callable[[nn.Module], nn.Module] | None = None,
                  optimizer_factory: Any = None, seed: int = 0, **options: Any) -> Any:
     """Model of ``path`` -> ``prepare`` (e.g. add LoRA) -> wrapped for ``backend`` (+ optimizer).
 
-    ``load="full"``: every rank loads the whole model, then wraps it. ``load="sharded"`` (FSDP2 only): the
-    model is wrapped empty and each rank reads just its rows (see the module docstring).
+    ``load="full"``: every rank loads the whole model, then wraps it. ``load="sharded"``: with FSDP2 the
+    model is wrapped empty and each rank reads just its rows (see the module docstring); with ZeRO-3 the
+    model is partitioned while it loads (transformers' ``HfDeepSpeedConfig``, DeepSpeed's ``zero.Init``).
     """
     from fisherdist.dist.wrap import _trainable, wrap_model
     from fisherdist.models.load import load_model
 
     prepare = prepare or (lambda m: m)
+    if load == "sharded" and backend == "zero3":
+        from fisherdist.dist.wrap_deepspeed import load_partitioned
+
+        model = prepare(load_partitioned(lambda: load_model(path, dtype), _dtype(dtype), **options))
+        _init_lora(model, seed)
+        for p in model.parameters():  # the adapter's new tensors; partitioned ones already sit on the device
+            if not hasattr(p, "ds_id"):
+                p.data = p.data.to(device)
+        return wrap_model(model, backend, optimizer_factory=optimizer_factory, **options)
     if load == "full":
         model = prepare(load_model(path, dtype))
-        with torch.no_grad():  # the same LoRA initial values as the sharded path, on every rank
-            for fqn, p in model.named_parameters():
-                if ".lora_" in fqn:
-                    p.copy_(initial_value(fqn, tuple(p.shape), seed))
+        _init_lora(model, seed)
         return wrap_model(model.to(device), backend, optimizer_factory=optimizer_factory, **options)
     if backend != "fsdp2":
-        raise FisherdistError(f"model.load=sharded needs dist.backend=fsdp2, got {backend}")
+        raise FisherdistError(f"model.load=sharded needs dist.backend=fsdp2 or zero3, got {backend}")
     model = prepare(build_empty(path, dtype))
     wrapped = wrap_model(model, backend, **options)
     materialize(model, path, device, seed)
