@@ -121,6 +121,7 @@ class SuvRecipe:
                 getattr(self, stage)()
             else:
                 getattr(io_stages, stage)(self)
+            _barrier()  # rank 0's files of this stage exist before any rank reads them in the next
             self.timings[stage] = round(time.perf_counter() - start, 1)
             self.log(f"[green]done[/] {stage} in {self.timings[stage]} s")
         if self.rank == 0:
