@@ -38,11 +38,9 @@ class EvalConfig(Section):
 def _load(mc: ModelConfig, device: Any) -> tuple[Any, Any]:
     """A full copy per rank, or (``load: sharded``) one FSDP2-sharded copy that all ranks run together."""
     from fisherdist.models.load import load_tokenizer
-    from fisherdist.models.sharded_load import load_wrapped
+    from fisherdist.models.sharded_load import load_for_generation
 
-    backend = "fsdp2" if mc.load == "sharded" else "none"
-    model = load_wrapped(mc.path, mc.dtype, backend, device, load=mc.load).module
-    return model.eval(), load_tokenizer(mc.path)
+    return load_for_generation(mc.path, mc.dtype, device, mc.load), load_tokenizer(mc.path)
 
 
 def run(cfg: EvalConfig, config_text: str = "") -> dict[str, Any]:

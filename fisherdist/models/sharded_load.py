@@ -148,3 +148,14 @@ def load_wrapped(path: str | Path, dtype: str | torch.dtype, backend: str, devic
     if optimizer_factory is not None:
         wrapped.optimizer = optimizer_factory(_trainable(model))
     return wrapped
+
+
+def load_for_generation(path: str | Path, dtype: str | torch.dtype, device: torch.device | str, load: str = "full",
+                        backend: str = "none") -> Any:
+    """An eval-mode model to generate with: a full copy per rank, or one copy sharded over the ranks, which
+    run it together (our generator makes the same forward calls on every rank): FSDP2 row shards with
+    ``load="sharded"``, else ZeRO-3 partitions when the run's ``backend`` is ZeRO-3."""
+    shard = "fsdp2" if load == "sharded" else ("zero3" if backend == "zero3" else "none")
+    model = load_wrapped(path, dtype, shard, device, load=load).module
+    model.eval()  # (DeepSpeed's engine.eval() returns None)
+    return model

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from fisherdist.data.jsonl import read_records, split_encode, write_jsonl
 from fisherdist.errors import FisherdistError
 
@@ -20,17 +19,12 @@ if TYPE_CHECKING:
 
 
 def plain_model(r: "SuvRecipe", path: str | Path) -> Any:
-    """A model to generate with: a full copy per rank, or one copy sharded over the ranks, which run it
-    together (the generator makes the same forward calls on every rank) -- FSDP2 with
-    ``model.load=sharded``, and ZeRO-3 (its parameters are partitioned anyway)."""
-    from fisherdist.models.sharded_load import load_wrapped
+    """The model at ``path`` to generate with, sharded as this run's config says (see ``load_for_generation``)."""
+    from fisherdist.models.sharded_load import load_for_generation
 
     if not (Path(path) / "config.json").is_file():
         raise FisherdistError(f"no Hugging Face model directory at {path} (run the earlier SUV stages first)")
-    backend = {"sharded": "fsdp2"}.get(r.cfg.model.load, "zero3" if r.cfg.dist.backend == "zero3" else "none")
-    model = load_wrapped(path, r.dtype, backend, r.env.device, load=r.cfg.model.load).module
-    model.eval()  # (DeepSpeed's engine.eval() returns None)
-    return model
+    return load_for_generation(path, r.dtype, r.env.device, r.cfg.model.load, r.cfg.dist.backend)
 
 
 def _write_json(r: "SuvRecipe", name: str, value: Any) -> None:
