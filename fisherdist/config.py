@@ -83,10 +83,18 @@ class DistConfig(Section):
     nproc: int = Field(1, ge=1, description="processes to spawn locally when not launched by a launcher")
 
 
-def check_model_load(model: ModelConfig, dist: DistConfig) -> None:
-    """``model.load=sharded`` loads into FSDP2 row shards or ZeRO-3 partitions, so it needs one of those."""
+def check_model_backend(model: ModelConfig, dist: DistConfig) -> None:
+    """Model settings the backend cannot honour, refused before anything loads.
+
+    ``model.load=sharded`` loads into FSDP2 row shards or ZeRO-3 partitions, so it needs one of those.
+    DeepSpeed's ``zero.Init`` (ZeRO-3) accepts only half, bfloat16 and float32 parameters; on CPUs without
+    fp16 support it silently ignores the model's dtype, elsewhere it asserts, so float64 is refused here.
+    """
     if model.load == "sharded" and dist.backend not in ("fsdp2", "zero3"):
         raise ValueError(f"model.load=sharded needs dist.backend=fsdp2 or zero3, got {dist.backend}")
+    if model.dtype == "float64" and dist.backend == "zero3":
+        raise ValueError("model.dtype=float64 is not supported by dist.backend=zero3 (DeepSpeed ZeRO-3 partitions "
+                         "float32, bfloat16 or float16 parameters); use model.dtype=float32")
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:

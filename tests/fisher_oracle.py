@@ -11,6 +11,12 @@ from fisherdist.fisher.loss import per_sample_nll
 SEQ, VOCAB = 12, 64
 
 
+def model_dtype(backend: str) -> torch.dtype:
+    """float64 models everywhere but ZeRO-3: DeepSpeed's ``zero.Init`` partitions only fp16/bf16/fp32
+    parameters (it asserts on float64 where the CPU reports fp16 support, and fisherdist refuses it up front)."""
+    return torch.float32 if backend == "zero3" else torch.float64
+
+
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

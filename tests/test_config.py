@@ -152,3 +152,16 @@ def test_cross_key_check_is_one_line_naming_the_keys(data_file: Path) -> None:
     msg = _error(SuvConfig, None, [f"data.books={data_file}", f"data.retain={data_file}", *common[:2],
                                    "train.lambda_schedule=adaptive", "train.lam=0"])
     assert msg == "command line: section 'train': lambda_schedule=adaptive needs lam > 0"
+
+
+def test_float64_under_zero3_is_refused_before_loading(data_file: Path) -> None:
+    from fisherdist.fisher.cli import FisherRunConfig
+    from fisherdist.methods.suv.config import SuvConfig
+
+    common = ["model.path=@world/model", "out=x", "model.dtype=float64", "dist.backend=zero3"]
+    msg = _error(FisherRunConfig, None, [f"data.path={data_file}", *common])
+    assert msg.startswith("command line: model.dtype=float64 is not supported by dist.backend=zero3"), msg
+    msg = _error(SuvConfig, None, [f"data.books={data_file}", f"data.retain={data_file}", *common])
+    assert "model.dtype=float64" in msg and "zero3" in msg, msg
+    loaded = load_config(FisherRunConfig, None, [f"data.path={data_file}", *common[:3], "dist.backend=zero2"])
+    assert loaded.model.dtype == "float64"  # ZeRO-1/2 keep float64 models

@@ -13,7 +13,7 @@ from fisherdist.errors import CheckpointError
 from fisherdist.fisher import FisherAccumulator, FisherSpec, fisher_step
 from fisherdist.fisher.checkpoint import load_fisher, read_fisher, save_fisher
 from tests.distributed import run_distributed
-from tests.fisher_oracle import dataset, micro_batches, oracle, tiny_llama
+from tests.fisher_oracle import dataset, micro_batches, model_dtype, oracle, tiny_llama
 from tests.test_fisher_engine import FULL, assert_rel_close
 
 N = 12
@@ -21,7 +21,7 @@ SPEC = dict(granularity="microbatch", estimator="centered", params=FULL, dtype="
 
 
 def phase(rank: int, world: int, backend: str, lo: int, hi: int, mb: int, load: str | None, save: str | None) -> dict:
-    w = wrap_model(tiny_llama(), backend)
+    w = wrap_model(tiny_llama(dtype=model_dtype(backend)), backend)
     acc = FisherAccumulator(w, FisherSpec(**SPEC))
     if load:
         load_fisher(acc.state, load)

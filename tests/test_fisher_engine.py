@@ -28,8 +28,8 @@ def lora(model):
     return peft_model
 
 
-def build(peft: bool):
-    model = tiny_llama()
+def build(peft: bool, dtype: torch.dtype = torch.float64):
+    model = tiny_llama(dtype=dtype)
     return lora(model) if peft else model
 
 

@@ -17,7 +17,7 @@ from fisherdist.fisher.checkpoint import load_fisher, save_fisher
 from fisherdist.fisher.run import _loss
 from fisherdist.fisher.loss import per_sample_nll
 from tests.distributed import run_distributed
-from tests.fisher_oracle import dataset, micro_batches, oracle
+from tests.fisher_oracle import dataset, micro_batches, model_dtype, oracle, tiny_llama
 from tests.test_fisher_engine import FULL, LORA_TARGETS, MB, N, _check, assert_rel_close, build
 
 CASES = [  # (stage, granularity, estimator, token_weighted, peft, gradient_accumulation_steps)
@@ -47,7 +47,7 @@ def _spec(case: tuple) -> dict:
 def _run_case(rank: int, world: int, case: tuple, save_to: str | None = None) -> dict:
     """A training loop as a user writes it: record -> engine.backward -> acc.step() -> engine.step()."""
     stage, gas, peft = case[0], case[5], case[4]
-    w = wrap_model(build(peft), f"zero{stage}", gradient_accumulation_steps=gas, micro_batch_size=MB,
+    w = wrap_model(build(peft, model_dtype(f"zero{stage}")), f"zero{stage}", gradient_accumulation_steps=gas, micro_batch_size=MB,
                    reduce_bucket_size=500, allgather_bucket_size=500)  # small buckets: many buckets per backward
     spec = FisherSpec(dtype="float64", **_spec(case))
     acc = FisherAccumulator(w, spec)
@@ -140,3 +140,38 @@ def test_zero_stages_match_oracle(tmp_path):
     loaded = run_distributed(_load_under_fsdp1, 3, CASES[0], str(tmp_path / "fisher"), timeout=120)[0]
     for fqn, got in loaded.items():
         assert_rel_close(got, results[0][0]["full"][fqn], f"{fqn} reloaded under fsdp1", tol=1e-12)
+
+
+def _zero3_where_the_cpu_reports_fp16(rank: int, world: int) -> dict:
+    """Make DeepSpeed's CPU accelerator report fp16 support, as it does on CPUs with avx512_fp16."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero import Init
+
+    type(get_accelerator()).is_fp16_supported = lambda self: True
+    assert get_accelerator().is_fp16_supported()
+    try:  # the failure a fresh machine with fp16 showed: zero.Init asserts on a float64 model
+        with Init(module=tiny_llama(dtype=torch.float64), dtype=torch.float64):
+            pass
+        deepspeed_error = "no error"
+    except AssertionError as err:
+        deepspeed_error = str(err)
+    try:
+        wrap_model(tiny_llama(dtype=torch.float64), "zero3", micro_batch_size=MB)
+        ours = "no error"
+    except FisherdistError as err:
+        ours = str(err)
+    w = wrap_model(tiny_llama(dtype=model_dtype("zero3")), "zero3", micro_batch_size=MB)  # what the tests use
+    acc = FisherAccumulator(w, FisherSpec(dtype="float64", granularity="sample", params=FULL))
+    ids, labels = dataset(N)
+    for step in micro_batches(N, world, MB):
+        fisher_step(w, acc, {"input_ids": ids[step[rank]], "labels": labels[step[rank]]})
+    return {"deepspeed": deepspeed_error, "ours": ours, "full": {f: acc.full_fisher(f) for f in acc.targets}}
+
+
+def test_zero3_on_a_cpu_with_fp16_support():
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    out = run_distributed(_zero3_where_the_cpu_reports_fp16, 2, timeout=240)[0]
+    assert "Invalid data type torch.float64" in out["deepspeed"], out["deepspeed"]  # the patch reproduces it
+    assert out["ours"] == ("dist.backend=zero3: model dtype torch.float64 is not supported by DeepSpeed ZeRO-3 "
+                           "(use float32 or bfloat16)")
+    _check(out, False, {"granularity": "sample", "estimator": "empirical"}, 2)  # float32 model, float64 oracle

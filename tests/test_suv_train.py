@@ -9,6 +9,7 @@ from fisherdist.methods.suv.config import TrainSettings
 from fisherdist.methods.suv.export import gather_trainable
 from fisherdist.methods.suv.train import PairTokens, SuvTrainer
 from tests.distributed import run_distributed
+from tests.fisher_oracle import model_dtype
 from tests.test_suv_regularizer import barrier_for, random_fishers, tiny_peft
 
 SETTINGS = dict(lr=5e-3, epochs=2, lam=0.05, projection=True, max_grad_norm=1.0, seed=3, max_length=24)
@@ -25,7 +26,7 @@ def make_data():
 def train_once(backend, rank, world, batch_size, **overrides):
     from fisherdist.dist.wrap import wrap_model
 
-    model = tiny_peft()
+    model = tiny_peft(dtype=model_dtype(backend))
     fishers = random_fishers(model)
     pairs, retain = make_data()
     settings = {**SETTINGS, **overrides}

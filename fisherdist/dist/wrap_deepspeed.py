@@ -58,6 +58,9 @@ def engine_config(stage: int, dtype: torch.dtype, zero_config: dict[str, Any] | 
     if dtype not in (torch.float32, torch.float64, torch.bfloat16):
         raise FisherdistError(f"dist.backend=zero{stage}: model dtype {dtype} is not supported by DeepSpeed on this path "
                               "(use float32, float64 or bfloat16)")
+    if stage == 3 and dtype == torch.float64:  # zero.Init asserts on it where the CPU reports fp16 support
+        raise FisherdistError("dist.backend=zero3: model dtype torch.float64 is not supported by DeepSpeed ZeRO-3 "
+                              "(use float32 or bfloat16)")
     config = _merge(deepspeed_config(stage, bf16=dtype == torch.bfloat16, world_size=dist.get_world_size(), **options),
                     zero_config or {})
     config["zero_optimization"]["stage"] = stage

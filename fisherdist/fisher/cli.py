@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from fisherdist.config import DataConfig, DistConfig, ModelConfig, Section, check_model_load, dump_config, load_config
+from fisherdist.config import DataConfig, DistConfig, ModelConfig, Section, check_model_backend, dump_config, load_config
 from fisherdist.fisher.spec import FisherSpec
 
 
@@ -24,7 +24,7 @@ class FisherRunConfig(Section):
 
     @model_validator(mode="after")
     def _load_fits_backend(self) -> "FisherRunConfig":
-        check_model_load(self.model, self.dist)
+        check_model_backend(self.model, self.dist)
         return self
 
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from fisherdist.config import DataFile, DistConfig, ModelConfig, Section, check_model_load
+from fisherdist.config import DataFile, DistConfig, ModelConfig, Section, check_model_backend
 from fisherdist.eval.memorization import MemorizationSettings
 from fisherdist.eval.utility import UtilitySettings
 from fisherdist.methods.suv.mine import MineSettings
@@ -85,7 +85,7 @@ class SuvConfig(Section):
     @model_validator(mode="after")
     def _backend_fits(self) -> "SuvConfig":
         zero = self.dist.backend.startswith("zero")
-        check_model_load(self.model, self.dist)
+        check_model_backend(self.model, self.dist)
         if self.deepspeed is not None and not zero:
             raise ValueError(f"deepspeed: given, but dist.backend={self.dist.backend} is not zero1/zero2/zero3")
         return self
