@@ -63,7 +63,7 @@ def _worker(rank: int, world: int, port: int, backends: list[str], steps: int, q
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from fisherdist.dist.wrap import WRAPPERS, wrap_model
+    from fisherdist.distributed.wrap import WRAPPERS, wrap_model
     from fisherdist.fisher import FisherAccumulator, FisherSpec
 
     g = torch.Generator().manual_seed(100 + rank)

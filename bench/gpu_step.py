@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--params", default="model.layers.*.self_attn.*_proj.weight,model.layers.*.mlp.*_proj.weight")
     args = p.parse_args()
-    from fisherdist.dist.wrap import wrap_model
+    from fisherdist.distributed.wrap import wrap_model
     from fisherdist.fisher import FisherAccumulator, FisherSpec, per_sample_nll
 
     model = build(args.tiny, args.device)

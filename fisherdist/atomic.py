@@ -7,9 +7,9 @@ so at every instant either the old or the new complete directory sits at the fin
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 def remove(path: Path) -> None:

@@ -11,7 +11,7 @@ from fisherdist.errors import FisherdistError
 
 # Modules that define ``register(subparsers: argparse._SubParsersAction) -> None``.
 COMMAND_MODULES = [
-    "fisherdist.dist.cli",
+    "fisherdist.distributed.cli",
     "fisherdist.fisher.cli",
     "fisherdist.methods.suv.cli",
     "fisherdist.eval.cli",

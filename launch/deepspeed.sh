@@ -13,4 +13,4 @@ if [ -n "${HOSTFILE:-}" ]; then
 else
   ARGS+=(--num_gpus "${NPROC_PER_NODE:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}")
 fi
-exec deepspeed "${ARGS[@]}" "$(python -m fisherdist.dist.slurm script-path "${FISHERDIST_MODULE:-fisherdist}")" "$@"
+exec deepspeed "${ARGS[@]}" "$(python -m fisherdist.distributed.slurm script-path "${FISHERDIST_MODULE:-fisherdist}")" "$@"

@@ -1,5 +1,5 @@
 #!/bin/bash
-# mpiexec / mpirun for fisherdist: ranks come from mpi4py (fisherdist.dist.init_distributed), rank 0 broadcasts
+# mpiexec / mpirun for fisherdist: ranks come from mpi4py (fisherdist.distributed.init_distributed), rank 0 broadcasts
 # MASTER_ADDR/MASTER_PORT. Arguments: a fisherdist command line.
 #   NPROC=2 launch/mpiexec.sh fisher configs/fisher/tiny.yaml dist.backend=ddp
 #   NPROC=16 MPI_HOSTS=node0:8,node1:8 MASTER_ADDR=node0 launch/mpiexec.sh fisher ...

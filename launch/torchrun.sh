@@ -5,7 +5,7 @@
 #   NNODES=2 RDZV_ENDPOINT=node0:29500 launch/torchrun.sh fisher ...                     # run the same line on every node
 # Env: NNODES (1), NPROC_PER_NODE (GPU count, else 1), RDZV_ENDPOINT (needed for NNODES>1), RDZV_ID (fisherdist),
 #      RDZV_CONF (e.g. is_host=1 on the node that hosts the store when nodes share a hostname), FISHERDIST_MODULE.
-# SIGUSR1 is forwarded to the workers (fisherdist.dist.preempt): they checkpoint and exit with status 75.
+# SIGUSR1 is forwarded to the workers (fisherdist.distributed.preempt): they checkpoint and exit with status 75.
 set -euo pipefail
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}
 if [ "${NNODES:-1}" = 1 ] && [ -z "${RDZV_ENDPOINT:-}" ]; then
@@ -14,5 +14,5 @@ else
   RDZV=(--nnodes "${NNODES:-1}" --rdzv_backend c10d --rdzv_endpoint "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port}"
         --rdzv_id "${RDZV_ID:-fisherdist}" ${RDZV_CONF:+--rdzv_conf "$RDZV_CONF"})
 fi
-exec python -m fisherdist.dist.preempt torchrun "${RDZV[@]}" --nproc_per_node "$NPROC_PER_NODE" --max_restarts 0 \
+exec python -m fisherdist.distributed.preempt torchrun "${RDZV[@]}" --nproc_per_node "$NPROC_PER_NODE" --max_restarts 0 \
   -m "${FISHERDIST_MODULE:-fisherdist}" "$@"

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fisherdist.dist.env import init_distributed, teardown
-from fisherdist.dist.spawn import maybe_spawn
+from fisherdist.distributed.env import init_distributed, teardown
+from fisherdist.distributed.spawn import maybe_spawn
 
 
 def main(argv: list[str]) -> int:

@@ -26,9 +26,9 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
-from fisherdist.dist.checkpoint import ModelOptimizerState, RunCheckpointer, step_seed
-from fisherdist.dist.env import init_distributed, teardown
-from fisherdist.dist.preempt import PreemptionHandler
+from fisherdist.distributed.checkpoint import ModelOptimizerState, RunCheckpointer, step_seed
+from fisherdist.distributed.env import init_distributed, teardown
+from fisherdist.distributed.preempt import PreemptionHandler
 
 GLOBAL_BATCH = 12
 

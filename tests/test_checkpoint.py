@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fisherdist.dist.checkpoint import ModelOptimizerState, RunCheckpointer, step_seed
+from fisherdist.distributed.checkpoint import ModelOptimizerState, RunCheckpointer, step_seed
 from fisherdist.errors import CheckpointError
 from tests._toy_train import SquaredGradSum, batch, build, full
 from tests.distributed import run_distributed
@@ -179,7 +179,7 @@ def test_export_hf_writes_peft_adapter_for_lora_weights(tmp_path: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
-    from fisherdist.dist.cli import export_hf
+    from fisherdist.distributed.cli import export_hf
 
     a, b, w = torch.randn(2, 6), torch.randn(6, 2), torch.randn(6, 6)
     prefix = "base_model.model.layers.0.q_proj"

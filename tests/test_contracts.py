@@ -133,7 +133,7 @@ def _fsdp2(rank: int, world: int) -> dict:
 def _zero(rank: int, world: int) -> dict:
     from deepspeed.utils import safe_get_local_grad
 
-    from fisherdist.dist.wrap import wrap_model
+    from fisherdist.distributed.wrap import wrap_model
     from fisherdist.fisher.backends import zero_internals as zi
 
     out = {}

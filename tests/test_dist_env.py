@@ -20,9 +20,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fisherdist.dist import env as denv
-from fisherdist.dist.hostlist import expand_nodelist, tasks_per_node
-from fisherdist.dist.spawn import in_launched_env, maybe_spawn
+from fisherdist.distributed import env as denv
+from fisherdist.distributed.hostlist import expand_nodelist, tasks_per_node
+from fisherdist.distributed.spawn import in_launched_env, maybe_spawn
 from fisherdist.errors import FisherdistError
 from tests.distributed import run_distributed
 

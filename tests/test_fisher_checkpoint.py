@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from fisherdist.dist.wrap import wrap_model
+from fisherdist.distributed.wrap import wrap_model
 from fisherdist.errors import CheckpointError
 from fisherdist.fisher import FisherAccumulator, FisherSpec, fisher_step
 from fisherdist.fisher.checkpoint import load_fisher, read_fisher, save_fisher

@@ -85,7 +85,7 @@ def test_preempted_run_checkpoints_and_resumes_on_another_world_size(world, monk
     """SIGUSR1/SIGTERM after a micro-batch: checkpoint + exit 75; the restart (2 ranks) ends where an
     uninterrupted run ends."""
     from fisherdist import cli
-    from fisherdist.dist import preempt
+    from fisherdist.distributed import preempt
 
     root, _, cfg = world
     out = root / "out-preempt"

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fisherdist.dist.wrap import wrap_model
+from fisherdist.distributed.wrap import wrap_model
 from fisherdist.fisher import FisherAccumulator, FisherSpec, fisher_step
 from tests.distributed import run_distributed
 from tests.fisher_oracle import dataset, micro_batches, oracle, tiny_llama
@@ -29,8 +29,9 @@ def lora(model):
 
 
 def build(peft: bool, dtype: torch.dtype = torch.float64):
-    model = tiny_llama(dtype=dtype)
-    return lora(model) if peft else model
+    """The float64 model, cast afterwards: the same weights in every dtype (random draws differ by dtype)."""
+    model = tiny_llama()
+    return (lora(model) if peft else model).to(dtype)
 
 
 def run_engine(rank: int, world: int, backend: str, spec_kwargs: dict, peft: bool) -> dict:

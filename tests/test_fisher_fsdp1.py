@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fisherdist.dist.wrap import wrap_model
+from fisherdist.distributed.wrap import wrap_model
 from fisherdist.fisher import FisherAccumulator, FisherSpec
 from fisherdist.fisher.loss import per_sample_nll
 from tests.distributed import run_distributed

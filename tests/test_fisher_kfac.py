@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fisherdist.dist.wrap import wrap_model
+from fisherdist.distributed.wrap import wrap_model
 from fisherdist.fisher import FisherSpec, fisher_step, per_sample_nll
 from fisherdist.fisher.kfac import KroneckerFactors
 from fisherdist.fisher.layout import Placement

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from fisherdist.dist.wrap import wrap_model
+from fisherdist.distributed.wrap import wrap_model
 from fisherdist.errors import FisherdistError
 from fisherdist.fisher import FisherAccumulator, FisherSpec, fisher_step
 from fisherdist.fisher.checkpoint import load_fisher, save_fisher

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fisherdist.cli import main as cli_main
-from fisherdist.dist.slurm import JobShape, render, submit
+from fisherdist.distributed.slurm import JobShape, render, submit
 from tests.launch_helpers import STEPS, TOY, assert_same_result, job_env, load_result, toy_reference  # noqa: F401
 from tests.slurm_cluster import SlurmCluster, slurm  # noqa: F401 - the session fixture
 

@@ -52,7 +52,7 @@ def test_two_namespace_nodes_match_single_process(two_nodes, tmp_path: Path, toy
     (ns_a, veth_a, addr_a), (ns_b, veth_b, addr_b) = two_nodes
     procs = []
     for ns, veth, addr, host in ((ns_a, veth_a, addr_a, True), (ns_b, veth_b, addr_b, False)):
-        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "fisherdist.dist.preempt", "torchrun",
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "fisherdist.distributed.preempt", "torchrun",
                "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{addr_a}:29410",
                "--rdzv_id", "fd-netns", "--local_addr", addr, "--max_restarts", "0",
                *(["--rdzv_conf", "is_host=1"] if host else []), "-m", TOY, "--out", str(tmp_path), "--steps", str(STEPS),

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from fisherdist.dist.checkpoint import ModelOptimizerState, RunCheckpointer
-from fisherdist.dist.preempt import PREEMPTED_EXIT
+from fisherdist.distributed.checkpoint import ModelOptimizerState, RunCheckpointer
+from fisherdist.distributed.preempt import PREEMPTED_EXIT
 from tests._toy_train import SquaredGradSum, build
 from tests.launch_helpers import REPO, STEPS, TOY, assert_same_result, job_env, load_result, run_toy, toy_reference  # noqa: F401
 
 
 def _agent(nproc: int, out: Path, *args: str) -> subprocess.Popen:
-    """torchrun through fisherdist.dist.preempt (keeps the workers' exit status)."""
-    cmd = [sys.executable, "-m", "fisherdist.dist.preempt", "torchrun", "--standalone", f"--nproc_per_node={nproc}",
+    """torchrun through fisherdist.distributed.preempt (keeps the workers' exit status)."""
+    cmd = [sys.executable, "-m", "fisherdist.distributed.preempt", "torchrun", "--standalone", f"--nproc_per_node={nproc}",
            "--max_restarts=0", "-m", TOY, "--out", str(out), *args]  # fmt: skip
     return subprocess.Popen(cmd, env=job_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

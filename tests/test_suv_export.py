@@ -2,7 +2,7 @@
 
 import torch
 
-from fisherdist.dist.wrap import wrap_model
+from fisherdist.distributed.wrap import wrap_model
 from fisherdist.methods.suv.export import export_adapter, gather_trainable
 from fisherdist.models.peft_utils import LoraSettings, adapted_modules, apply_lora
 

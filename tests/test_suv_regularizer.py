@@ -92,7 +92,7 @@ def test_constant_d_is_isotropic_log_penalty():
 
 
 def _fsdp2_barrier(rank, world):
-    from fisherdist.dist.wrap import wrap_model
+    from fisherdist.distributed.wrap import wrap_model
 
     model = tiny_peft()
     fishers = random_fishers(model)

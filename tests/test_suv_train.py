@@ -24,9 +24,9 @@ def make_data():
 
 
 def train_once(backend, rank, world, batch_size, **overrides):
-    from fisherdist.dist.wrap import wrap_model
+    from fisherdist.distributed.wrap import wrap_model
 
-    model = tiny_peft(dtype=model_dtype(backend))
+    model = tiny_peft().to(model_dtype(backend))  # cast after building: the same weights as the float64 run
     fishers = random_fishers(model)
     pairs, retain = make_data()
     settings = {**SETTINGS, **overrides}
@@ -61,7 +61,7 @@ def _zero(rank, world):
 
 def _fisher_pass_on_training_engine(rank, world):
     """The SUV Fisher pass runs on the training engine; under ZeRO it steps to clear gradients."""
-    from fisherdist.dist.wrap import wrap_model
+    from fisherdist.distributed.wrap import wrap_model
     from fisherdist.methods.suv.config import FisherSettings
     from fisherdist.methods.suv.fisher_pass import run_pass
     from fisherdist.models.peft_utils import LoraSettings

@@ -48,7 +48,7 @@ def run(cfg: EvalConfig, config_text: str = "") -> dict[str, Any]:
     from pathlib import Path
 
     from fisherdist.data.jsonl import encode, read_records, write_jsonl
-    from fisherdist.dist.env import init_distributed
+    from fisherdist.distributed.env import init_distributed
     from fisherdist.eval.report import print_table, write_report
     from fisherdist.eval.suite import evaluate_model
 
@@ -80,7 +80,7 @@ def run(cfg: EvalConfig, config_text: str = "") -> dict[str, Any]:
 
 
 def _memorization(args: argparse.Namespace) -> int:
-    from fisherdist.dist.spawn import maybe_spawn
+    from fisherdist.distributed.spawn import maybe_spawn
 
     cfg = load_config(EvalConfig, args.config, args.overrides)
     code = maybe_spawn(cfg.nproc, ["eval", "memorization", args.config, *args.overrides])

@@ -7,8 +7,8 @@ text-level score SUV and MUSE report. All token metrics take plain sequences of 
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from functools import lru_cache
-from typing import Hashable, Sequence
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def longest_common_prefix(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
 
 
 @lru_cache(maxsize=1)
-def _scorer():  # noqa: ANN202 - rouge_score has no type hints
+def _scorer():
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)

@@ -10,9 +10,10 @@ number "reproduced verbatim" (LCS >= ``main_threshold``; SUV's "sentences over t
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
 

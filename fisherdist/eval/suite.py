@@ -3,7 +3,8 @@ held-out text, greedy task accuracy). All generation is greedy, so the numbers a
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from fisherdist.eval.memorization import MemorizationSettings, WindowScore, evaluate_memorization
 from fisherdist.eval.utility import UtilitySettings, perplexity, task_accuracy

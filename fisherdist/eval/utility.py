@@ -9,7 +9,8 @@ Both split their inputs across ranks under ``torch.distributed`` and return the 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -14,7 +14,7 @@ add to the sharded running sums -> normalise on read (mean convention).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -100,7 +100,7 @@ class FisherAccumulator:
         self._delivered.add(fqn)
 
     # -- statistic sources --------------------------------------------------------------------------
-    def _make_persample(self):  # noqa: ANN202 - the helper's type lives in fisherdist.fisher.persample
+    def _make_persample(self):
         from fisherdist.fisher.persample import PerSampleStats, find_targets
 
         modules = find_targets(self.backend.unwrapped, list(self.targets))

@@ -68,7 +68,7 @@ def _metadata(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a Fisher checkpoint (no {path / '.metadata'})")
     try:
         return FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata is a corrupted checkpoint
+    except Exception as e:
         raise CheckpointError(f"{path / '.metadata'}: unreadable checkpoint metadata ({e})") from None
 
 
@@ -98,7 +98,7 @@ def load_fisher(state: FisherState, path: str | Path) -> None:
         dcp.load({KEY: state}, checkpoint_id=str(path))
     except CheckpointError:
         raise
-    except (Exception, DCPException) as e:  # noqa: BLE001 - DCP reports missing/corrupt shards in many ways
+    except (Exception, DCPException) as e:
         raise CheckpointError(f"{path}: failed to read the checkpoint's shard files {_shards(path)} ({_first_line(e)})") from None
 
 
@@ -110,7 +110,7 @@ def read_fisher(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], d
         out = os.path.join(tmp, "fisher.pt")
         try:
             dcp_to_torch_save(str(path), out)
-        except (Exception, DCPException) as e:  # noqa: BLE001
+        except (Exception, DCPException) as e:
             raise CheckpointError(f"{path}: failed to read the checkpoint's shard files {_shards(path)} ({_first_line(e)})") from None
         full = torch.load(out, weights_only=False)[KEY]
     meta = full["meta"]

@@ -7,7 +7,15 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from fisherdist.config import DataConfig, DistConfig, ModelConfig, Section, check_model_backend, dump_config, load_config
+from fisherdist.config import (
+    DataConfig,
+    DistConfig,
+    ModelConfig,
+    Section,
+    check_model_backend,
+    dump_config,
+    load_config,
+)
 from fisherdist.fisher.spec import FisherSpec
 
 
@@ -23,14 +31,14 @@ class FisherRunConfig(Section):
     resume: bool = Field(True, description="continue from out/fisher if it exists (adds to its counts)")
 
     @model_validator(mode="after")
-    def _load_fits_backend(self) -> "FisherRunConfig":
+    def _load_fits_backend(self) -> FisherRunConfig:
         check_model_backend(self.model, self.dist)
         return self
 
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(FisherRunConfig, args.config, args.overrides)
-    from fisherdist.dist.spawn import maybe_spawn
+    from fisherdist.distributed.spawn import maybe_spawn
 
     code = maybe_spawn(cfg.dist.nproc, ["fisher", args.config, *args.overrides])
     if code is not None:

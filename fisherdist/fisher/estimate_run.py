@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 
 from fisherdist.data.batches import load_texts, rank_batches, tokenize
-from fisherdist.dist.env import init_distributed, teardown
-from fisherdist.dist.preempt import PreemptionHandler
+from fisherdist.distributed.env import init_distributed, teardown
+from fisherdist.distributed.preempt import PreemptionHandler
 from fisherdist.fisher.accumulator import FisherAccumulator
 from fisherdist.fisher.checkpoint import load_fisher, save_fisher
 from fisherdist.fisher.run import check_health, fisher_step, make_accumulator
@@ -56,7 +56,7 @@ def _print_summary(summary: dict) -> None:
                   f"{summary['numel_total']:,} Fisher elements")
 
 
-def run_fisher(cfg, config_text: str) -> int:  # noqa: ANN001 - FisherRunConfig (cli.py) imports this module
+def run_fisher(cfg, config_text: str) -> int:
     """Returns the exit status: 0, or ``PREEMPTED_EXIT`` after a checkpoint on SIGUSR1 / SIGTERM."""
     env = init_distributed(require_group=cfg.dist.backend != "none")
     try:
@@ -65,7 +65,7 @@ def run_fisher(cfg, config_text: str) -> int:  # noqa: ANN001 - FisherRunConfig 
         teardown()
 
 
-def _run(cfg, config_text: str, env) -> int:  # noqa: ANN001
+def _run(cfg, config_text: str, env) -> int:
     torch.manual_seed(cfg.fisher.seed)
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.model.path)

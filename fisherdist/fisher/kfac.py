@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ def linear_modules(model: nn.Module, patterns: list[str]) -> dict[str, nn.Linear
 class KroneckerFactors:
     """Same loop surface as ``FisherAccumulator``: ``record(labels)``, ``step()``, ``state``."""
 
-    def __init__(self, model: object, spec, *, backend: str | None = None) -> None:  # noqa: ANN001 - FisherSpec
+    def __init__(self, model: object, spec, *, backend: str | None = None) -> None:
         self.spec = spec
         self.backend = make_backend(model, backend)
         self.layers = linear_modules(self.backend.unwrapped, spec.params)
@@ -64,7 +64,7 @@ class KroneckerFactors:
         self._recording = False
         self._handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in self.layers.items()]
 
-    def _forward_hook(self, name: str):  # noqa: ANN202
+    def _forward_hook(self, name: str):
         def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if not (self._recording and torch.is_grad_enabled() and output.requires_grad):
                 return

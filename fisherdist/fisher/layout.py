@@ -9,8 +9,8 @@ the communication and the checkpoint never branch on the backend (kfac-pytorch's
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -68,19 +68,19 @@ class Placement:
     ranges: dict[str, list[tuple[int, int]]]
 
     @classmethod
-    def rows(cls, shapes: dict[str, tuple[int, ...]], rank: int, world: int) -> "Placement":
+    def rows(cls, shapes: dict[str, tuple[int, ...]], rank: int, world: int) -> Placement:
         """Dim-0 row chunks as ``torch.chunk`` cuts them (FSDP2 ``Shard(0)``; our DDP and single layouts)."""
         return cls(rank, world, dict(shapes), {f: _row_chunks(s, world) for f, s in shapes.items()})
 
     @classmethod
-    def flat_chunks(cls, shapes: dict[str, tuple[int, ...]], rank: int, world: int) -> "Placement":
+    def flat_chunks(cls, shapes: dict[str, tuple[int, ...]], rank: int, world: int) -> Placement:
         """``ceil(numel/world)`` flat chunks of each parameter (DeepSpeed ZeRO-3's partitioning)."""
         return cls(rank, world, dict(shapes), {f: _flat_chunks(math.prod(s), world) for f, s in shapes.items()})
 
     @classmethod
     def from_local(
         cls, shapes: dict[str, tuple[int, ...]], local: dict[str, tuple[int, int]], group: dist.ProcessGroup | None = None
-    ) -> "Placement":
+    ) -> Placement:
         """Irregular fragments known only locally (ZeRO-1/2, FSDP1): gather everyone's ranges once."""
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         gathered: list[dict[str, tuple[int, int]]] = [{} for _ in range(world)]
@@ -89,7 +89,7 @@ class Placement:
 
     @classmethod
     def owned(cls, shapes: dict[str, tuple[int, ...]], rank: int, world: int,
-              group_of: Callable[[str], str] = lambda f: f) -> "Placement":
+              group_of: Callable[[str], str] = lambda f: f) -> Placement:
         """Whole tensors, each on one owner rank, for statistics that are inverted whole (Kronecker
         factors). Tensors with the same ``group_of`` key share an owner; groups go largest first onto the
         least loaded rank (KAISA-style greedy balancing)."""

@@ -25,7 +25,7 @@ transparent. The model's module names are the caller's business: pass ``{clean_f
 from __future__ import annotations
 
 import types
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -84,14 +84,14 @@ class _FusedLinear(torch.autograd.Function):
     """``F.linear`` whose backward forms the per-sample statistics and the weight gradient in one go."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, anchor, owner, module):  # noqa: ANN001, ANN205 - autograd signature
+    def forward(ctx, x, weight, bias, anchor, owner, module):
         ctx.owner, ctx.module = owner, module
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, gout):  # noqa: ANN001, ANN205
+    def backward(ctx, gout):
         x, weight = ctx.saved_tensors
         owner: PerSampleStats = ctx.owner
         with torch.no_grad():

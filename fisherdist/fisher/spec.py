@@ -45,7 +45,7 @@ class FisherSpec(Section):
     dtype: Literal["float32", "float64"] = "float32"
 
     @model_validator(mode="after")
-    def _compatible(self) -> "FisherSpec":
+    def _compatible(self) -> FisherSpec:
         if self.granularity == "batch" and self.token_weighted:
             raise ValueError("token_weighted applies to sample and microbatch granularity, not batch")
         if self.estimator == "kfac" and self.granularity != "sample":

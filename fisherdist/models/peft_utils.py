@@ -7,8 +7,8 @@ so no second copy of the base model is ever held.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from pydantic import Field

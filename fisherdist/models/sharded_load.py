@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -123,12 +124,12 @@ def load_wrapped(path: str | Path, dtype: str | torch.dtype, backend: str, devic
     model is wrapped empty and each rank reads just its rows (see the module docstring); with ZeRO-3 the
     model is partitioned while it loads (transformers' ``HfDeepSpeedConfig``, DeepSpeed's ``zero.Init``).
     """
-    from fisherdist.dist.wrap import _trainable, wrap_model
+    from fisherdist.distributed.wrap import _trainable, wrap_model
     from fisherdist.models.load import load_model
 
     prepare = prepare or (lambda m: m)
     if load == "sharded" and backend == "zero3":
-        from fisherdist.dist.wrap_deepspeed import load_partitioned
+        from fisherdist.distributed.wrap_deepspeed import load_partitioned
 
         model = prepare(load_partitioned(lambda: load_model(path, dtype), _dtype(dtype), **options))
         _init_lora(model, seed)

@@ -6,8 +6,9 @@ the full evaluation suite with ROUGE and sharding lives in ``fisherdist.eval``."
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

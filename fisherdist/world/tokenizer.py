@@ -6,7 +6,7 @@ raw ids can find that lead with ``fisherdist.data.jsonl.special_prefix``."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast

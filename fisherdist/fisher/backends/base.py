@@ -51,10 +51,10 @@ class Backend(ABC):
     def placement(self, targets: dict[str, nn.Parameter]) -> Placement:
         """Which fragment of every target this rank owns (mirrors the framework's gradient sharding)."""
 
-    def install(self, sink: StatSink) -> None:
+    def install(self, sink: StatSink) -> None:  # noqa: B027 - a no-op default, not an abstract method
         """Install reduction hooks (default: none, everything goes through the accumulator's collective)."""
 
-    def remove(self) -> None:
+    def remove(self) -> None:  # noqa: B027 - a no-op default, not an abstract method
         """Undo :meth:`install`."""
 
     @abstractmethod

@@ -8,8 +8,8 @@ torch whose FSDP1 lacks them, and ``tests/test_contracts.py`` asserts each name 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

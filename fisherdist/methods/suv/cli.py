@@ -18,7 +18,7 @@ TINY = Path(__file__).resolve().parents[3] / "configs" / "suv" / "tiny.yaml"
 
 
 def _stage(args: argparse.Namespace) -> int:
-    from fisherdist.dist.spawn import maybe_spawn
+    from fisherdist.distributed.spawn import maybe_spawn
     from fisherdist.methods.suv.config import SuvConfig
 
     cfg = load_config(SuvConfig, args.config, args.overrides)
@@ -37,10 +37,9 @@ def demo_overrides(out: str, extra: list[str]) -> list[str]:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fisherdist.dist.spawn import maybe_spawn
-    from fisherdist.methods.suv.config import SuvConfig
-
+    from fisherdist.distributed.spawn import maybe_spawn
     from fisherdist.errors import FisherdistError
+    from fisherdist.methods.suv.config import SuvConfig
 
     if not TINY.is_file():
         raise FisherdistError(f"the demo recipe {TINY} is missing: install fisherdist from a checkout "

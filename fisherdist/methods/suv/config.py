@@ -58,7 +58,7 @@ class TrainSettings(Section):
     log_every: int = Field(1, gt=0)
 
     @model_validator(mode="after")
-    def _sane(self) -> "TrainSettings":
+    def _sane(self) -> TrainSettings:
         if self.lambda_schedule == "adaptive" and self.lam == 0:
             raise ValueError("lambda_schedule=adaptive needs lam > 0")
         return self
@@ -83,7 +83,7 @@ class SuvConfig(Section):
         "copy", description="models/base: a full HF copy of the base, or a symlink to model.path (real scale)")
 
     @model_validator(mode="after")
-    def _backend_fits(self) -> "SuvConfig":
+    def _backend_fits(self) -> SuvConfig:
         zero = self.dist.backend.startswith("zero")
         check_model_backend(self.model, self.dist)
         if self.deepspeed is not None and not zero:
@@ -91,7 +91,7 @@ class SuvConfig(Section):
         return self
 
     def backend_options(self) -> dict[str, Any]:
-        """Extra keyword arguments of :func:`fisherdist.dist.wrap.wrap_model` for this backend."""
+        """Extra keyword arguments of :func:`fisherdist.distributed.wrap.wrap_model` for this backend."""
         if not self.dist.backend.startswith("zero"):
             return {}
         ds = dict(self.deepspeed or {})

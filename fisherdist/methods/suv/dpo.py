@@ -8,8 +8,8 @@ reference forward.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,9 +70,9 @@ def collate_pairs(
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     lab = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     att = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, l) in enumerate(zip(rows, labels)):
+    for i, (r, row_labels) in enumerate(zip(rows, labels)):
         ids[i, : len(r)] = torch.tensor(r)
-        lab[i, : len(l)] = torch.tensor(l)
+        lab[i, : len(row_labels)] = torch.tensor(row_labels)
         att[i, : len(r)] = 1
     return PairBatch(ids, att, lab)
 

@@ -8,7 +8,8 @@ result afterwards): a sharded model then makes the same collective calls on ever
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -47,7 +48,7 @@ class HFGenerator:
         self.progress = progress  # a description shows a rich progress bar over batches (rank 0 only)
 
     @classmethod
-    def for_tokenizer(cls, model: Any, tokenizer: Any, **kwargs: Any) -> "HFGenerator":
+    def for_tokenizer(cls, model: Any, tokenizer: Any, **kwargs: Any) -> HFGenerator:
         """Pad / EOS ids taken from the tokenizer (pad falls back to EOS, then 0)."""
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return cls(model, pad_id=pad if pad is not None else 0, eos_id=tokenizer.eos_token_id, **kwargs)

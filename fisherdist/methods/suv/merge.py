@@ -7,8 +7,8 @@ README's ``--merge_alpha`` flag does not exist in the official code; ``weights``
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -12,8 +12,9 @@ prompts are dropped *before* de-duplication so a TOC hit never hides a real neig
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pydantic import Field
 

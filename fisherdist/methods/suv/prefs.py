@@ -12,8 +12,9 @@ least verbatim one is kept with ``flagged: true``. A row whose only candidates e
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
@@ -38,7 +39,7 @@ class PrefsSettings(Section):
     batch_size: int = Field(16, gt=0)
 
     @model_validator(mode="after")
-    def _source_input(self) -> "PrefsSettings":
+    def _source_input(self) -> PrefsSettings:
         if self.source == "model" and not self.model_path:
             raise ValueError("source=model needs model_path")
         if self.source == "jsonl" and not self.jsonl_path:
@@ -67,13 +68,13 @@ class SamplingSource:
         self.max_new_tokens, self.seed = max_new_tokens, seed
 
     @classmethod
-    def from_model(cls, model: Any, tokenizer: Any, settings: PrefsSettings) -> "SamplingSource":
+    def from_model(cls, model: Any, tokenizer: Any, settings: PrefsSettings) -> SamplingSource:
         gen = HFGenerator.for_tokenizer(model, tokenizer, temperature=settings.temperature,
                                         batch_size=settings.batch_size, progress="sampling chosen")
         return cls(gen, tokenizer, settings.max_new_tokens, settings.seed)
 
     @classmethod
-    def from_dir(cls, path: str | Path, settings: PrefsSettings, device: Any = "cpu") -> "SamplingSource":
+    def from_dir(cls, path: str | Path, settings: PrefsSettings, device: Any = "cpu") -> SamplingSource:
         """Load a second local HF model directory (its own tokenizer decodes its samples)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -31,7 +31,7 @@ class SuvRecipe:
     """State shared by the stages of one invocation (the model is loaded and wrapped once)."""
 
     def __init__(self, cfg: SuvConfig, config_text: str) -> None:
-        from fisherdist.dist.env import init_distributed
+        from fisherdist.distributed.env import init_distributed
 
         self.cfg, self.env = cfg, init_distributed()
         self.rank, self.world = self.env.rank, self.env.world_size

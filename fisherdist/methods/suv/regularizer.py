@@ -114,7 +114,7 @@ class FisherBarrier:
     def build(
         cls, modules: list[AdaptedModule], forbid: dict[str, torch.Tensor], retain: dict[str, torch.Tensor],
         fragments: dict[str, FragmentLike], eps1: float, eps2: float, chunk_rows: int = 1024,
-    ) -> "FisherBarrier":
+    ) -> FisherBarrier:
         """``forbid`` / ``retain``: this rank's flat Fisher fragments keyed by base-weight FQN."""
         terms = []
         for m in modules:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from fisherdist.methods.suv.train import PairTokens
 
 
-def plain_model(r: "SuvRecipe", path: str | Path) -> Any:
+def plain_model(r: SuvRecipe, path: str | Path) -> Any:
     """The model at ``path`` to generate with, sharded as this run's config says (see ``load_for_generation``)."""
     from fisherdist.models.sharded_load import load_for_generation
 
@@ -27,12 +27,12 @@ def plain_model(r: "SuvRecipe", path: str | Path) -> Any:
     return load_for_generation(path, r.dtype, r.env.device, r.cfg.model.load, r.cfg.dist.backend)
 
 
-def _write_json(r: "SuvRecipe", name: str, value: Any) -> None:
+def _write_json(r: SuvRecipe, name: str, value: Any) -> None:
     if r.rank == 0:
         (r.out / name).write_text(json.dumps(value, indent=1))
 
 
-def mine(r: "SuvRecipe") -> None:
+def mine(r: SuvRecipe) -> None:
     """Stage 1: windows the base model reproduces -> ``mined.jsonl``."""
     from fisherdist.eval.memorization import load_passages
     from fisherdist.methods.suv.generation import HFGenerator
@@ -52,7 +52,7 @@ def mine(r: "SuvRecipe") -> None:
     r.log(f"mine: {summary}")
 
 
-def prefs(r: "SuvRecipe") -> None:
+def prefs(r: SuvRecipe) -> None:
     """Stage 2: ``mined.jsonl`` -> ``prefs.jsonl`` (chosen = a non-verbatim continuation)."""
     from fisherdist.methods.suv.prefs import prefs_file
 
@@ -62,7 +62,7 @@ def prefs(r: "SuvRecipe") -> None:
     r.log(f"prefs: {summary}")
 
 
-def load_pairs(path: Path, tokenizer: Any, max_length: int) -> list["PairTokens"]:
+def load_pairs(path: Path, tokenizer: Any, max_length: int) -> list[PairTokens]:
     """``prefs.jsonl`` -> token ids; the prompt carries the tokenizer's special prefix (BOS) as in mining."""
     from fisherdist.data.jsonl import special_prefix
     from fisherdist.methods.suv.train import PairTokens
@@ -76,7 +76,7 @@ def load_pairs(path: Path, tokenizer: Any, max_length: int) -> list["PairTokens"
     return pairs
 
 
-def _metrics(r: "SuvRecipe", model: Any) -> dict[str, Any]:
+def _metrics(r: SuvRecipe, model: Any) -> dict[str, Any]:
     """Memorisation on the protected passages + held-out perplexity + task accuracy of one model."""
     from fisherdist.eval.memorization import evaluate_memorization, load_passages
     from fisherdist.eval.utility import perplexity, task_accuracy
@@ -96,7 +96,7 @@ def _metrics(r: "SuvRecipe", model: Any) -> dict[str, Any]:
     return out
 
 
-def protected_rows(r: "SuvRecipe") -> list[dict[str, Any]]:
+def protected_rows(r: SuvRecipe) -> list[dict[str, Any]]:
     """The passages evaluated: ``{book, text, tokens}`` per record of the books file."""
     m = r.cfg.memorization
     rows = []
@@ -106,7 +106,7 @@ def protected_rows(r: "SuvRecipe") -> list[dict[str, Any]]:
     return rows
 
 
-def eval(r: "SuvRecipe") -> None:  # noqa: A001 - the stage is called eval on the command line
+def eval(r: SuvRecipe) -> None:
     """Stage 5: before (base) vs after (``models/unlearned``) -> ``report.json``, ``report.png``."""
     from fisherdist.methods.suv.report import summary_table, write_report
 

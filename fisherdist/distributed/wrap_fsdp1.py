@@ -1,4 +1,4 @@
-"""FSDP1 (``FullyShardedDataParallel``) wrapping for :func:`fisherdist.dist.wrap.wrap_model`.
+"""FSDP1 (``FullyShardedDataParallel``) wrapping for :func:`fisherdist.distributed.wrap.wrap_model`.
 
 FULL_SHARD with ``use_orig_params=True`` (so the user's parameter objects and names survive, frozen and
 trainable parameters may share a unit as in PEFT), one FSDP unit per decoder layer plus the root.
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fisherdist.dist.wrap import OptimizerFactory, Wrapped, _trainable, _transformer_blocks
+from fisherdist.distributed.wrap import OptimizerFactory, Wrapped, _trainable, _transformer_blocks
 
 
 def wrap_fsdp1(model: nn.Module, opt: OptimizerFactory | None, **_: Any) -> Wrapped:

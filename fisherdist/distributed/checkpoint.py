@@ -23,8 +23,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -192,7 +193,7 @@ class RunCheckpointer:
         check_matches(path, states)
         try:
             dcp.load(dict(states), checkpoint_id=str(path))
-        except Exception as e:  # noqa: BLE001 - DCP wraps per-rank errors; turn them into one line
+        except Exception as e:
             raise CheckpointError(f"{path}: failed to load ({_one_line(e)})") from None
         return meta
 
@@ -209,7 +210,7 @@ def read_metadata(path: Path) -> Metadata:
         raise CheckpointError(f"{meta_file}: missing (not a DCP checkpoint, or an interrupted save)")
     try:
         return FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - an unreadable pickle is a corrupted file
+    except Exception as e:
         raise CheckpointError(f"{meta_file}: unreadable checkpoint metadata ({_one_line(e)})") from None
 
 

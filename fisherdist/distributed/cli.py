@@ -28,7 +28,7 @@ HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenize
 
 
 def _resolve_source(src: Path) -> Path:
-    from fisherdist.dist.checkpoint import RunCheckpointer
+    from fisherdist.distributed.checkpoint import RunCheckpointer
 
     if (src / ".metadata").is_file():
         return src
@@ -42,14 +42,14 @@ def read_full(src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every tensor of a checkpoint, whole, in this process: ``(nested state dict, run.json)``."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from fisherdist.dist.checkpoint import verify_checkpoint
+    from fisherdist.distributed.checkpoint import verify_checkpoint
 
     meta = verify_checkpoint(src) if (src / ".complete").is_file() else {"step": 0, "extra": {}}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "full.pt")
         try:
             dcp_to_torch_save(str(src), out)
-        except Exception as e:  # noqa: BLE001 - DCP wraps its errors
+        except Exception as e:
             raise CheckpointError(f"{src}: cannot read the shard files ({str(e).strip().splitlines()[-1][:200]})") from None
         return torch.load(out, weights_only=False), meta
 
@@ -58,7 +58,7 @@ def reshard(src: Path, dst: Path) -> Path:
     """Re-save ``src`` as a world-size-independent one-file checkpoint ``dst/step-N``; return its path."""
     import torch.distributed.checkpoint as dcp
 
-    from fisherdist.dist.checkpoint import COMPLETE, RUN_META
+    from fisherdist.distributed.checkpoint import COMPLETE, RUN_META
 
     src = _resolve_source(src)
     state, meta = read_full(src)
@@ -106,7 +106,7 @@ def export_hf(src: Path, out: Path, base: Path | None = None) -> Path:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from fisherdist.dist.slurm import JobShape, render, submit
+    from fisherdist.distributed.slurm import JobShape, render, submit
 
     if not Path(args.config).is_file():
         raise FisherdistError(f"{args.config}: config file not found")

@@ -8,7 +8,7 @@ rank 0 first runs ``scontrol requeue $SLURM_JOB_ID`` (the job goes back to the q
 latest checkpoint); the process exits with :data:`PREEMPTED_EXIT` (75, ``EX_TEMPFAIL``: "stopped early,
 checkpoint written, run the same command again").
 
-``python -m fisherdist.dist.preempt torchrun ARGS...`` runs torchrun with SIGUSR1 forwarded to its
+``python -m fisherdist.distributed.preempt torchrun ARGS...`` runs torchrun with SIGUSR1 forwarded to its
 workers: torchrun starts each worker in its own session, and a signal that reaches only the agent (the
 Slurm task) would otherwise kill the agent (SIGUSR1's default action) instead of warning the workers.
 """
@@ -19,8 +19,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterable
 from types import FrameType
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,7 @@ class PreemptionHandler:
         self.received: signal.Signals | None = None
         self._previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002 - signal API
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum)
         print(f"fisherdist: received {self.received.name}; stopping after this step", file=sys.stderr, flush=True)
 
@@ -97,7 +97,7 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def _forward(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001 - signal API
+def _forward(signum: int, frame: FrameType | None) -> None:
     for child in _children(os.getpid()):
         try:
             os.killpg(child, signum)  # each worker leads its own session/process group
@@ -125,5 +125,5 @@ def torchrun_forwarding(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] != "torchrun":
-        sys.exit("usage: python -m fisherdist.dist.preempt torchrun [torchrun arguments]")
+        sys.exit("usage: python -m fisherdist.distributed.preempt torchrun [torchrun arguments]")
     sys.exit(torchrun_forwarding(sys.argv[2:]))

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2/3 wrapping (``zero1``/``zero2``/``zero3``) for :func:`fisherdist.dist.wrap.wrap_model`.
+"""DeepSpeed ZeRO-1/2/3 wrapping (``zero1``/``zero2``/``zero3``) for :func:`fisherdist.distributed.wrap.wrap_model`.
 
 ``deepspeed.initialize`` with a plain torch optimizer (``zero_allow_untested_optimizer``), so no fused
 CUDA/CPU Adam op has to be built; on a machine without CUDA, ``DS_ACCELERATOR=cpu`` selects DeepSpeed's CPU
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fisherdist.dist.wrap import OptimizerFactory, Wrapped, _trainable
+from fisherdist.distributed.wrap import OptimizerFactory, Wrapped, _trainable
 from fisherdist.errors import FisherdistError
 
 

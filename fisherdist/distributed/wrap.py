@@ -6,8 +6,9 @@ No method file imports ``fully_shard`` or ``deepspeed``: recipes call :func:`wra
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -101,8 +102,8 @@ def _lazy(module: str, name: str, *bound: Any) -> Callable[..., Wrapped]:
     return wrap
 
 
-WRAPPERS["fsdp1"] = _lazy("fisherdist.dist.wrap_fsdp1", "wrap_fsdp1")
-WRAPPERS.update({f"zero{s}": _lazy("fisherdist.dist.wrap_deepspeed", "wrap_zero", s) for s in (1, 2, 3)})
+WRAPPERS["fsdp1"] = _lazy("fisherdist.distributed.wrap_fsdp1", "wrap_fsdp1")
+WRAPPERS.update({f"zero{s}": _lazy("fisherdist.distributed.wrap_deepspeed", "wrap_zero", s) for s in (1, 2, 3)})
 
 
 def wrap_model(

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal, Mapping
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-from fisherdist.dist.hostlist import head_node, tasks_per_node
+from fisherdist.distributed.hostlist import head_node, tasks_per_node
 from fisherdist.errors import FisherdistError
 
 Launcher = Literal["single", "torchrun", "slurm", "mpi"]

@@ -4,7 +4,7 @@ The templates stay ordinary, hand-editable sbatch scripts; rendering only rewrit
 lines (nodes, GPUs and tasks per node, CPUs, time, partition, job name) and the ``NPROC_PER_NODE=`` line,
 so ``fisherdist slurm submit --dry-run`` shows exactly what ``sbatch slurm/<template>.sbatch`` would run.
 
-``python -m fisherdist.dist.slurm hostfile NODELIST SLOTS`` and ``... script-path MODULE`` are small
+``python -m fisherdist.distributed.slurm hostfile NODELIST SLOTS`` and ``... script-path MODULE`` are small
 helpers the DeepSpeed template calls (kept in Python so the shell stays thin).
 """
 
@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fisherdist.dist.hostlist import expand_nodelist
+from fisherdist.distributed.hostlist import expand_nodelist
 from fisherdist.errors import FisherdistError
 
 TEMPLATES = ("torchrun", "deepspeed", "srun")
@@ -130,7 +130,7 @@ def _main(argv: list[str]) -> int:
         elif len(argv) == 2 and argv[0] == "script-path":
             print(script_path(argv[1]))
         else:
-            print("usage: python -m fisherdist.dist.slurm hostfile NODELIST SLOTS | script-path MODULE", file=sys.stderr)
+            print("usage: python -m fisherdist.distributed.slurm hostfile NODELIST SLOTS | script-path MODULE", file=sys.stderr)
             return 2
     except FisherdistError as e:
         print(f"fisherdist: error: {e}", file=sys.stderr)

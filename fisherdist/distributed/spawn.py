@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import sys
 import uuid
-from typing import Mapping
+from collections.abc import Mapping
 
-from fisherdist.dist.env import MPI_SIZE_VARS, detect_launcher
+from fisherdist.distributed.env import MPI_SIZE_VARS, detect_launcher
 
 
 def in_launched_env(env: Mapping[str, str] | None = None) -> bool:
