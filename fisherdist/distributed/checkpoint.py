@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from fisherdist.distributed.collectives import barrier, is_main, rank
 from fisherdist.errors import CheckpointError
 
 COMPLETE = ".complete"
@@ -70,15 +71,6 @@ class ModelOptimizerState(Stateful):
                        optim_state_dict=state_dict.get("optim", {}))  # fmt: skip
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -90,8 +82,8 @@ def _sha256(path: Path) -> str:
 def _hash_files(tmp: Path) -> dict[str, dict[str, Any]]:
     """Size and SHA-256 of every file; each rank hashes the shard files it wrote (``__<rank>_*``), so no
     rank reads the whole checkpoint. Collective; the merged table is meaningful on rank 0."""
-    rank = _rank()
-    mine = [p for p in tmp.iterdir() if p.is_file() and (p.name.startswith(f"__{rank}_") or (rank == 0 and not p.name.startswith("__")))]
+    me = rank()
+    mine = [p for p in tmp.iterdir() if p.is_file() and (p.name.startswith(f"__{me}_") or (me == 0 and not p.name.startswith("__")))]
     table = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in mine}
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts: list[Any] = [None] * dist.get_world_size()
@@ -142,15 +134,15 @@ class RunCheckpointer:
              extra: Mapping[str, Any] | None = None) -> Path:
         """Collective: every rank calls it with the same step. Returns ``DIR/step-N``."""
         final, tmp = self.dir / f"step-{step}", self.dir / f".tmp-step-{step}"
-        if _rank() == 0:
+        if is_main():
             if tmp.exists():
                 shutil.rmtree(tmp)  # a leftover of an interrupted save of this very step
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         dcp.save(dict(states), checkpoint_id=str(tmp))
-        _barrier()  # every rank's shard files are written (DCP's own finish step also synchronises)
+        barrier()  # every rank's shard files are written (DCP's own finish step also synchronises)
         files = _hash_files(tmp)
-        if _rank() == 0:
+        if is_main():
             meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                     "backend": backend, "config_hash": config_hash(config_text) if config_text else "",
                     "saved_at": time.time(), "files": files, "extra": dict(extra or {})}  # fmt: skip
@@ -167,7 +159,7 @@ class RunCheckpointer:
                 tmp.rename(final)
             _fsync_dir(self.dir)
             self._prune(keep=final)
-        _barrier()
+        barrier()
         return final
 
     def _prune(self, keep: Path) -> None:

@@ -12,20 +12,15 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
+from fisherdist.distributed.collectives import rank_world
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def map_sharded(items: Sequence[T], fn: Callable[[list[T]], list[R]]) -> list[R]:
     """``fn(items)`` computed on contiguous per-rank chunks and gathered in the original order."""
-    rank, size = world()
+    rank, size = rank_world()
     if size == 1 or not items:
         return fn(list(items))
     per = -(-len(items) // size)

@@ -15,40 +15,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from fisherdist.atomic import swap_in
+from fisherdist.distributed.collectives import barrier, is_main
 from fisherdist.errors import CheckpointError
 from fisherdist.fisher.state import FisherState
 
 KEY = "fisher"
 
 
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save_fisher(state: FisherState, path: str | Path) -> Path:
     """Write to ``path.tmp-*`` and rename, so an interrupted save never replaces a good checkpoint."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    if _rank0() and tmp.exists():
+    if is_main() and tmp.exists():
         shutil.rmtree(tmp)
-    _barrier()
+    barrier()
     dcp.save({KEY: state}, checkpoint_id=str(tmp))
-    _barrier()
-    if _rank0():
+    barrier()
+    if is_main():
         swap_in(tmp, path)
-    _barrier()
+    barrier()
     return path
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from fisherdist.data.batches import load_texts, rank_batches, tokenize
+from fisherdist.distributed.collectives import DTYPES
 from fisherdist.distributed.env import init_distributed, teardown
 from fisherdist.distributed.preempt import PreemptionHandler
 from fisherdist.fisher.accumulator import FisherAccumulator
@@ -17,8 +18,6 @@ from fisherdist.fisher.checkpoint import load_fisher, save_fisher
 from fisherdist.fisher.run import check_health, fisher_step, make_accumulator
 from fisherdist.models.load import load_tokenizer
 from fisherdist.models.sharded_load import load_wrapped
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def _summary(acc: FisherAccumulator, seconds: float) -> dict:

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from fisherdist.distributed.collectives import is_main, rank
 from fisherdist.errors import FisherdistError
 from fisherdist.fisher.accumulator import FisherAccumulator
 from fisherdist.fisher.loss import model_labels, per_sample_nll
@@ -109,8 +110,8 @@ def estimate_fisher(wrapped: object, batches: Iterable[dict[str, torch.Tensor]],
     from rich.progress import Progress
 
     acc = acc or make_accumulator(wrapped, spec)
-    generator = torch.Generator().manual_seed(spec.seed + (dist.get_rank() if dist.is_initialized() else 0))
-    show = progress and (not dist.is_initialized() or dist.get_rank() == 0)
+    generator = torch.Generator().manual_seed(spec.seed + rank())
+    show = progress and is_main()
     with Progress(disable=not show, transient=True) as bar:
         task = bar.add_task("fisher", total=total)
         for batch in batches:

@@ -12,9 +12,8 @@ from typing import Any
 import torch
 
 from fisherdist.config import resolve_path
+from fisherdist.distributed.collectives import DTYPES
 from fisherdist.errors import FisherdistError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -11,15 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from fisherdist.atomic import atomic_dir, remove, swap_in
+from fisherdist.distributed.collectives import rank
 from fisherdist.errors import FisherdistError
 from fisherdist.models.peft_utils import LoraSettings, apply_lora
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def gather_trainable(wrapped: Any) -> dict[str, torch.Tensor]:
@@ -47,7 +43,7 @@ def save_base_copy(base_path: str | Path, out_dir: str | Path, dtype: torch.dtyp
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
-    if _rank() != 0:
+    if rank() != 0:
         return out
     if mode == "link":
         tmp = out.with_name(f".{out.name}.tmp")
@@ -65,7 +61,7 @@ def export_adapter(
     adapter_dir: str | Path, merged_dir: str | Path | None = None, dtype: torch.dtype = torch.float32,
 ) -> None:
     """Rank 0 writes ``adapter_dir`` (``PeftModel.from_pretrained`` loads it) and the merged model."""
-    if _rank() != 0:
+    if rank() != 0:
         return
     from transformers import AutoModelForCausalLM
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from fisherdist.data.batches import rank_batches
+from fisherdist.distributed.collectives import rank_world
 from fisherdist.fisher import FisherAccumulator, FisherSpec, estimate_fisher
 from fisherdist.fisher.checkpoint import load_fisher, save_fisher
 from fisherdist.methods.suv.config import FisherSettings
@@ -28,10 +28,6 @@ PASSES = ("forbidden", "retain")
 
 def fisher_spec(fs: FisherSettings, lora: LoraSettings) -> FisherSpec:
     return FisherSpec(estimator="empirical", granularity="sample", params=base_weight_patterns(lora), dtype=fs.dtype)
-
-
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 @contextmanager
@@ -57,7 +53,7 @@ def optimizer_untouched(wrapped: Any) -> Iterator[None]:
 def run_pass(wrapped: Any, tokens: list[list[int]], fs: FisherSettings, lora: LoraSettings, pad_id: int,
              progress: bool = True) -> FisherAccumulator:
     """One Fisher pass over ``tokens`` (every rank gets the same number of micro-batches)."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     batches = rank_batches([t[: fs.max_length] for t in tokens], fs.batch_size, rank, world, pad_id)
     device = next(p for p in wrapped.unwrapped.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]

@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
+from fisherdist.distributed import collectives
+
 
 class Generate(Protocol):
     """``generate(prompts, max_new_tokens, seeds)`` -> one list of new token ids per prompt (at most
@@ -92,7 +94,7 @@ class HFGenerator:
 
     def _starts(self, n: int) -> Iterable[int]:
         starts = range(0, n, self.batch_size)
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rank = collectives.rank()
         if self.progress is None or rank != 0:
             return starts
         from rich.progress import track

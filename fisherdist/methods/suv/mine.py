@@ -20,8 +20,8 @@ from pydantic import Field
 
 from fisherdist.config import Section
 from fisherdist.data.jsonl import split_decode, write_jsonl
+from fisherdist.distributed.collectives import is_main
 from fisherdist.eval.memorization import Window, WindowScore, load_passages, make_windows, score_windows
-from fisherdist.eval.sharding import world
 from fisherdist.methods.suv.generation import Generate, HFGenerator
 
 TOC_KEYWORDS = ["chapter", "table of contents", "acknowledgements"]
@@ -105,6 +105,6 @@ def mine_file(model: Any, tokenizer: Any, books: str | Path, out: str | Path | N
     generate = HFGenerator.for_tokenizer(model, tokenizer, temperature=s.temperature, batch_size=s.batch_size,
                                          progress="mining")
     rows, summary = mine(passages, generate, tokenizer, s)
-    if out is not None and world()[0] == 0:
+    if out is not None and is_main():
         write_jsonl(out, rows)
     return rows, summary

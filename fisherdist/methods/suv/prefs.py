@@ -20,9 +20,10 @@ from pydantic import Field, model_validator
 
 from fisherdist.config import Section, resolve_path
 from fisherdist.data.jsonl import encode, read_records, special_prefix, split_decode, write_jsonl
+from fisherdist.distributed.collectives import is_main
 from fisherdist.errors import FisherdistError
 from fisherdist.eval.lcs import lcs_length
-from fisherdist.eval.sharding import map_sharded, world
+from fisherdist.eval.sharding import map_sharded
 from fisherdist.methods.suv.generation import Generate, HFGenerator
 
 
@@ -150,6 +151,6 @@ def prefs_file(mined_path: str | Path, out: str | Path | None, model: Any, token
     """:func:`build_preferences` from a mined JSONL (stage 1's output); rank 0 writes ``out`` (if given)."""
     mined = read_records(mined_path, ["prompt", "verbatim", "book"])
     prefs, summary = build_preferences(mined, make_source(settings, model, tokenizer), tokenizer, settings)
-    if out is not None and world()[0] == 0:
+    if out is not None and is_main():
         write_jsonl(out, prefs)
     return prefs, summary

@@ -13,18 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from fisherdist.distributed.collectives import DTYPES, barrier
 from fisherdist.errors import FisherdistError
 from fisherdist.methods.suv.config import SuvConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 ALL_STAGES = ["mine", "prefs", "fisher", "train", "eval"]
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 class SuvRecipe:
@@ -39,7 +33,7 @@ class SuvRecipe:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(config_text)
-        _barrier()
+        barrier()
         self.dtype = DTYPES[cfg.model.dtype]
         self.tokenizer = _tokenizer(cfg.model.path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -106,7 +100,7 @@ class SuvRecipe:
             (self.out / "train_log.json").write_text(json.dumps(history, indent=1))
             save_base_copy(self.cfg.model.path, models / "base", self.dtype, self.cfg.base_copy)
             export_adapter(tensors, self.cfg.model.path, self.cfg.lora, models / "adapter", models / "unlearned", self.dtype)
-        _barrier()
+        barrier()
         first, last = history[0], history[-1]
         self.log(f"train: dpo {first['dpo']:.4f} -> {last['dpo']:.4f}, R_Fisher {first['fisher_reg']:.4g} -> "
                  f"{last['fisher_reg']:.4g} over {len(history)} steps")
@@ -121,7 +115,7 @@ class SuvRecipe:
                 getattr(self, stage)()
             else:
                 getattr(io_stages, stage)(self)
-            _barrier()  # rank 0's files of this stage exist before any rank reads them in the next
+            barrier()  # rank 0's files of this stage exist before any rank reads them in the next
             self.timings[stage] = round(time.perf_counter() - start, 1)
             self.log(f"[green]done[/] {stage} in {self.timings[stage]} s")
         if self.rank == 0:

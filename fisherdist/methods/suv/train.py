@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fisherdist.distributed.collectives import rank_world
 from fisherdist.fisher.loss import per_sample_nll
 from fisherdist.methods.suv.config import TrainSettings
 from fisherdist.methods.suv.dpo import collate_pairs, dpo_loss, reference_logprobs, sequence_logprobs
@@ -28,12 +29,6 @@ class PairTokens:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _slice(order: list[int], step: int, per_rank: int, rank: int, world: int) -> tuple[list[int], int]:
@@ -70,7 +65,7 @@ class SuvTrainer:
         if not pairs:
             raise ValueError("no preference pairs to train on")
         self.w, self.pairs, self.retain, self.cfg, self.pad_id, self.barrier = wrapped, pairs, retain, settings, pad_id, barrier
-        self.rank, self.world = _world()
+        self.rank, self.world = rank_world()
         self.params = [p for p in wrapped.unwrapped.parameters() if p.requires_grad]
         zero = wrapped.backend.startswith("zero")
         self.projector = RetainProjector(self.params, settings.ema_alpha, zero) if settings.projection else None

@@ -1,0 +1,50 @@
+"""Where this process sits and the few collectives every layer needs, safe without a process group.
+
+One place for rank / world / barrier / sum and the dtype names configs use, so methods, evaluation and the
+engine do not each keep their own copy (a single process behaves as rank 0 of a world of 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                                  "float64": torch.float64}
+"""Config spellings of the dtypes a model or statistic may have."""
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank in the default group; 0 without one."""
+    return dist.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    """Processes in the default group; 1 without one."""
+    return dist.get_world_size() if initialized() else 1
+
+
+def rank_world() -> tuple[int, int]:
+    return rank(), world_size()
+
+
+def is_main() -> bool:
+    """Rank 0 writes the files every rank shares."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (files written by one rank exist before another reads them); no-op alone."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` in place over all ranks and return it; unchanged alone."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
