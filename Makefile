@@ -2,6 +2,7 @@
 #
 #   make install   create $(VENV) and install fisherdist with its test extras (once; again if pyproject.toml changes)
 #   make test      run the test suite
+#   make lint      ruff on the package, mypy --strict on fisher/ and distributed/ (pyproject.toml)
 #   make demo      the main job on the built-in tiny world (2 local processes, CPU)   -> runs/demo
 #   make world     rebuild the tiny world from the bundled texts                      -> runs/world
 #
@@ -17,7 +18,7 @@ PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fisherdist-installed
 
-.PHONY: install test demo world
+.PHONY: install test lint demo world
 
 install: $(STAMP)
 
@@ -33,6 +34,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 test: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fisherdist
+	$(VENV)/bin/mypy
 
 # The main job: SUV copyright unlearning on the shipped tiny world (configs/suv/tiny.yaml, FSDP2 x 2).
 demo: $(STAMP)
