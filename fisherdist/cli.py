@@ -29,11 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from fisherdist.distributed.failures import expected_failures
+
     try:
-        return int(args.func(args) or 0)
+        with expected_failures():  # a lost peer or Ctrl-C: one line, no traceback
+            return int(args.func(args) or 0)
     except FisherdistError as e:
         print(f"fisherdist: error: {e}", file=sys.stderr)
-        return 2
+        return int(getattr(e, "exit_code", 2))
 
 
 if __name__ == "__main__":

@@ -81,6 +81,8 @@ Backend = Literal["none", "ddp", "fsdp1", "fsdp2", "zero1", "zero2", "zero3"]
 class DistConfig(Section):
     backend: Backend = "none"
     nproc: int = Field(1, ge=1, description="processes to spawn locally when not launched by a launcher")
+    timeout_s: float | None = Field(None, gt=0, description="seconds a rank waits for missing peers (start-up and "
+                                    "collectives) before failing with their names; default FISHERDIST_DIST_TIMEOUT_S or 600")
 
 
 def check_model_backend(model: ModelConfig, dist: DistConfig) -> None:

@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.checkpoint.stateful import Stateful
 
 from fisherdist.distributed.collectives import barrier, is_main, rank
@@ -139,7 +140,7 @@ class RunCheckpointer:
                 shutil.rmtree(tmp)  # a leftover of an interrupted save of this very step
             tmp.mkdir(parents=True)
         barrier()
-        dcp.save(dict(states), checkpoint_id=str(tmp))
+        dcp_save(dict(states), checkpoint_id=str(tmp))
         barrier()  # every rank's shard files are written (DCP's own finish step also synchronises)
         files = _hash_files(tmp)
         if is_main():
@@ -184,7 +185,7 @@ class RunCheckpointer:
         meta = verify_checkpoint(path, check_hashes=verify)
         check_matches(path, states)
         try:
-            dcp.load(dict(states), checkpoint_id=str(path))
+            dcp_load(dict(states), checkpoint_id=str(path))
         except Exception as e:
             raise CheckpointError(f"{path}: failed to load ({_one_line(e)})") from None
         return meta
@@ -212,7 +213,7 @@ def verify_checkpoint(path: str | Path, check_hashes: bool = True) -> dict[str, 
     if not (path / COMPLETE).is_file():
         raise CheckpointError(f"{path / COMPLETE}: missing (the save of {path.name} did not finish)")
     try:
-        meta = json.loads((path / RUN_META).read_text())
+        meta: dict[str, Any] = json.loads((path / RUN_META).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path / RUN_META}: unreadable ({e})") from None
     metadata = read_metadata(path)
@@ -247,8 +248,8 @@ def check_matches(path: str | Path, states: Mapping[str, Any]) -> None:
     extra = sorted(k for k in set(saved) - set(expected)
                    if ".".join(k.split(".")[:2]) in parts and not isinstance(saved[k], BytesStorageMetadata))  # fmt: skip
     if missing or extra:
-        parts = ([f"missing {', '.join(missing[:4])}"] if missing else []) + ([f"unexpected {', '.join(extra[:4])}"] if extra else [])
-        raise CheckpointError(f"{path / '.metadata'}: parameter names do not match the model ({'; '.join(parts)})")
+        problems = ([f"missing {', '.join(missing[:4])}"] if missing else []) + ([f"unexpected {', '.join(extra[:4])}"] if extra else [])
+        raise CheckpointError(f"{path / '.metadata'}: parameter names do not match the model ({'; '.join(problems)})")
     for key, value in expected.items():
         want, have = _shape(value), getattr(saved[key], "size", None)
         if want is not None and have is not None and tuple(have) != want:

@@ -56,7 +56,7 @@ def read_full(src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def reshard(src: Path, dst: Path) -> Path:
     """Re-save ``src`` as a world-size-independent one-file checkpoint ``dst/step-N``; return its path."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     from fisherdist.distributed.checkpoint import COMPLETE, RUN_META
 
@@ -69,7 +69,7 @@ def reshard(src: Path, dst: Path) -> Path:
     tmp = dst / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
+    dcp_save(state, checkpoint_id=str(tmp), no_dist=True)
     new_meta = {**meta, "world_size": 1, "resharded_from": str(src), "files": {}}
     (tmp / RUN_META).write_text(json.dumps(new_meta, indent=1))
     (tmp / COMPLETE).write_text(f"step {step}\n")
@@ -131,7 +131,7 @@ def _reshard(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("slurm", help="submit a run to Slurm from the templates in slurm/")
     ssub = s.add_subparsers(dest="slurm_command", required=True, metavar="SUBCOMMAND")
     p = ssub.add_parser("submit", help="render slurm/<template>.sbatch for a job size and sbatch it (prints the job id)")

@@ -64,7 +64,8 @@ def free_port() -> int:
     """A TCP port that was free a moment ago (the OS picks it; the race is accepted, as torchrun does)."""
     with socket.socket() as s:
         s.bind(("", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None = None, minimum: int = 0) -> int:
@@ -186,7 +187,7 @@ def _slurm_topology(env: Mapping[str, str]) -> _Topology:
 
 
 def _mpi_topology(env: Mapping[str, str]) -> _Topology:
-    rank_var = _first(env, MPI_RANK_VARS)
+    rank_var = _first(env, MPI_RANK_VARS) or MPI_RANK_VARS[0]
     try:
         from mpi4py import MPI
     except ImportError:
@@ -241,19 +242,23 @@ def _from_existing_group() -> DistEnv:
 _TOPOLOGY = {"torchrun": _torchrun_topology, "slurm": _slurm_topology, "mpi": _mpi_topology}
 
 
-def _timeout() -> timedelta:
-    """Collective timeout: a rank that dies outside torchrun (srun, mpiexec) must not leave the others
-    blocked for gloo's default 30 minutes. ``FISHERDIST_DIST_TIMEOUT_S`` overrides the 600 s default."""
+def _timeout(timeout_s: float | None = None) -> timedelta:
+    """How long a rank waits for its peers, at start-up and in any collective: a rank that dies outside
+    torchrun (srun, mpiexec) must not leave the others blocked for gloo's default 30 minutes.
+    ``timeout_s`` (``dist.timeout_s``), else ``FISHERDIST_DIST_TIMEOUT_S``, else 600 s."""
+    if timeout_s is not None:
+        return timedelta(seconds=timeout_s)
     return timedelta(seconds=_int(os.environ, TIMEOUT_ENV, default=600, minimum=1))
 
 
-def init_distributed(require_group: bool = False) -> DistEnv:
+def init_distributed(require_group: bool = False, timeout_s: float | None = None) -> DistEnv:
     """Initialise ``torch.distributed`` for this launcher (idempotent) and return where this rank sits.
 
     A single process gets a 1-rank gloo/NCCL group only when ``require_group`` (code that always calls
     collectives); otherwise no group is created. The chosen topology is exported as RANK / WORLD_SIZE /
     LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT (except for a lone process, whose children
-    must not inherit a RANK) so env:// and DeepSpeed agree with it.
+    must not inherit a RANK) so env:// and DeepSpeed agree with it. Ranks that do not arrive within the
+    timeout are named in one :class:`~fisherdist.distributed.failures.PeerFailure` (see ``rendezvous.py``).
     """
     global _current, _owns_group
     if _current is not None and (dist.is_initialized() or not require_group):
@@ -274,10 +279,12 @@ def init_distributed(require_group: bool = False) -> DistEnv:
             LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
         )  # fmt: skip
     if launcher != "single" or require_group:  # a lone process keeps os.environ clean: no RANK leaks to children
-        init = "env://" if launcher != "single" else f"tcp://{env.master_addr}:{env.master_port}"
+        from fisherdist.distributed.rendezvous import join
+
+        timeout = _timeout(timeout_s)
         dist.init_process_group(
-            backend, init_method=init, rank=env.rank, world_size=env.world_size,
-            device_id=device if backend == "nccl" else None, timeout=_timeout(),
+            backend, store=join(env, timeout), rank=env.rank, world_size=env.world_size,
+            device_id=device if backend == "nccl" else None, timeout=timeout,
         )  # fmt: skip
         _owns_group = True
     _current = env

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -19,25 +19,50 @@ from fisherdist.errors import FisherdistError
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
+class ZeroEngine(Protocol):
+    """The part of a DeepSpeed engine we use (deepspeed ships no type information)."""
+
+    optimizer: Any  # DeepSpeed's ZeRO optimizer around the user's torch optimizer
+    lr_scheduler: Any
+    global_steps: int
+    global_samples: int
+    micro_steps: int
+    skipped_steps: int
+
+    def backward(self, loss: torch.Tensor) -> torch.Tensor: ...
+    def step(self) -> None: ...
+    def zero_grad(self) -> None: ...
+    def zero_optimization_stage(self) -> int: ...
+    def is_gradient_accumulation_boundary(self) -> bool: ...
+    def gradient_accumulation_steps(self) -> int: ...
+
+
 @dataclass
 class Wrapped:
     """A model prepared for one backend; ``unwrapped`` keeps the user's parameter names."""
 
     backend: str
-    module: Any  # what to call for forward: plain module, DDP, FSDP module, DeepSpeed engine
+    module: nn.Module  # what to call for forward: plain module, DDP, FSDP module, DeepSpeed engine
     unwrapped: nn.Module
     optimizer: torch.optim.Optimizer | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def engine(self) -> ZeroEngine:
+        """The DeepSpeed engine (``zero1/2/3`` only): ``module`` typed as what it is."""
+        if not self.backend.startswith("zero"):
+            raise FisherdistError(f"dist.backend={self.backend}: no DeepSpeed engine (only zero1, zero2, zero3)")
+        return cast(ZeroEngine, self.module)
+
     def backward(self, loss: torch.Tensor) -> None:
         if self.backend.startswith("zero"):
-            self.module.backward(loss)
+            self.engine.backward(loss)
         else:
-            loss.backward()
+            torch.autograd.backward(loss)
 
     def step(self) -> None:
         if self.backend.startswith("zero"):
-            self.module.step()
+            self.engine.step()
             return
         if self.optimizer is not None:
             self.optimizer.step()
@@ -45,12 +70,30 @@ class Wrapped:
 
     def zero_grad(self) -> None:
         if self.backend.startswith("zero"):
-            self.module.zero_grad()
+            self.engine.zero_grad()
         elif self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             for p in self.unwrapped.parameters():
                 p.grad = None
+
+    # ---- Fisher passes on a live run: gradients cleared with no optimizer step --------------------
+
+    def clear_grads(self) -> None:
+        """Drop every gradient of the backward passes since the last step, with no optimizer step.
+
+        A Fisher pass on a training model calls this after each micro-batch: weights, optimizer moments
+        and every step counter (optimizer ``step``, DeepSpeed ``global_steps`` / ``micro_steps``, the LR
+        scheduler) stay bitwise unchanged, and the next training backward starts from zero. Under ZeRO
+        ``engine.zero_grad()`` is not enough (DeepSpeed keeps its reduced gradient partitions until
+        ``engine.step()``), see :func:`fisherdist.distributed.wrap_deepspeed.clear_zero_grads`.
+        """
+        if self.backend.startswith("zero"):
+            from fisherdist.distributed.wrap_deepspeed import clear_zero_grads
+
+            clear_zero_grads(self.engine)
+        else:  # DDP / FSDP1 / FSDP2 keep nothing beyond param.grad once backward has returned
+            self.module.zero_grad(set_to_none=True)
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -97,7 +140,8 @@ def _lazy(module: str, name: str, *bound: Any) -> Callable[..., Wrapped]:
     def wrap(model: nn.Module, opt: OptimizerFactory | None, **options: Any) -> Wrapped:
         import importlib
 
-        return getattr(importlib.import_module(module), name)(*bound, model, opt, **options)
+        wrapper: Callable[..., Wrapped] = getattr(importlib.import_module(module), name)
+        return wrapper(*bound, model, opt, **options)
 
     return wrap
 

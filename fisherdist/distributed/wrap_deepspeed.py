@@ -9,12 +9,14 @@ bf16 models run DeepSpeed's bf16 mode, everything else its fp32 mode (fp16 is no
 from __future__ import annotations
 
 import os
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from fisherdist.distributed.wrap import OptimizerFactory, Wrapped, _trainable
+from fisherdist.distributed.wrap import OptimizerFactory, Wrapped, ZeroEngine, _trainable
 from fisherdist.errors import FisherdistError
 
 
@@ -91,19 +93,60 @@ def wrap_zero(stage: int, model: nn.Module, opt: OptimizerFactory | None, *,
     return Wrapped(f"zero{stage}", engine, model, ds_opt, extras={"deepspeed_config": config})
 
 
-def load_partitioned(load: Any, dtype: torch.dtype, zero_config: dict[str, Any] | None = None, **options: Any) -> nn.Module:
+def load_partitioned(load: Callable[[], nn.Module], dtype: torch.dtype, zero_config: dict[str, Any] | None = None, **options: Any) -> nn.Module:
     """Run ``load()`` (a ``from_pretrained``) with ZeRO-3 partitioning at construction (transformers'
     ``HfDeepSpeedConfig`` -> ``deepspeed.zero.Init``): no rank ever holds the whole model, and
     :func:`wrap_zero` later takes the partitioned parameters as they are."""
     import torch.distributed as dist
 
     deepspeed = _import_deepspeed(3)
-    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     # zero.Init runs before deepspeed.initialize: attach DeepSpeed's comm layer to our group now
     deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
 
-    hf_config = HfDeepSpeedConfig(engine_config(3, dtype, zero_config, **options))  # transformers holds a weakref
+    keep: Callable[[dict[str, Any]], object] = HfDeepSpeedConfig
+    hf_config = keep(engine_config(3, dtype, zero_config, **options))  # transformers holds a weakref
     model = load()
     del hf_config  # models built after this are not partitioned at construction
     return model
+
+
+# ---- gradients cleared without an optimizer step (a Fisher pass on a live engine) ---------------------
+
+_clears: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()  # engine -> clear_zero_grads calls
+
+
+def clear_zero_grads(engine: ZeroEngine) -> None:
+    """Forget the gradients of every backward since the last step, as DeepSpeed's own overflow path does
+    when it skips a step (``stage_1_and_2.step`` / ``stage3._overflow_clean_up``), minus the loss-scale update.
+
+    ``engine.zero_grad()`` only drops ``param.grad``: ZeRO-1/2 keep the reduced partition in
+    ``averaged_gradients`` (and ``all_grad_tensors`` between boundaries), ZeRO-3 keeps it in its partition
+    buffers and adds the next backward to it unless ``micro_step_id`` is 0. No counter moves, so the
+    engine's gradient-accumulation boundary bookkeeping is that of a run without the pass.
+    """
+    opt = engine.optimizer
+    engine.zero_grad()  # every parameter of the module, frozen ones included
+    opt.zero_grad(set_to_none=True)  # param.grad and grad_accum; ZeRO-3: micro_step_id = 0, epilogue flag off
+    if engine.zero_optimization_stage() == 3:
+        if not opt.offload_optimizer:
+            opt.averaged_gradients = {}
+        else:
+            opt.reset_cpu_buffers()
+    else:
+        opt.micro_step_id = -1  # stage_1_and_2.INITIAL_MICRO_STEP_ID: the next backward starts a new step
+        opt._release_preflattened_grad_buffers()
+        if opt.cpu_offload:
+            opt.reset_cpu_buffers()
+            opt._offload_accumulated_param_ids = set()
+        for group in set(opt.averaged_gradients) | set(opt.all_grad_tensors):
+            opt.averaged_gradients[group] = None
+            opt.all_grad_tensors[group] = None
+    _clears[engine] = _clears.get(engine, 0) + 1
+
+
+def grad_epoch(engine: ZeroEngine) -> tuple[int, int]:
+    """Changes whenever the engine's gradients are cleared (an optimizer step or :func:`clear_zero_grads`):
+    a reader of the reduced gradient uses it to refuse reading the same accumulation twice."""
+    return int(engine.global_steps), _clears.get(engine, 0)

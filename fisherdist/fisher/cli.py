@@ -38,14 +38,16 @@ class FisherRunConfig(Section):
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(FisherRunConfig, args.config, args.overrides)
+    from fisherdist.distributed.runlock import run_lock
     from fisherdist.distributed.spawn import maybe_spawn
 
-    code = maybe_spawn(cfg.dist.nproc, ["fisher", args.config, *args.overrides])
-    if code is not None:
-        return code
-    from fisherdist.fisher.estimate_run import run_fisher
+    with run_lock(cfg.out):  # one live run per out (dist.nproc workers run under the launcher's lock)
+        code = maybe_spawn(cfg.dist.nproc, ["fisher", args.config, *args.overrides])
+        if code is not None:
+            return code
+        from fisherdist.fisher.estimate_run import run_fisher
 
-    return run_fisher(cfg, dump_config(cfg))
+        return run_fisher(cfg, dump_config(cfg))
 
 
 def _export(args: argparse.Namespace) -> int:

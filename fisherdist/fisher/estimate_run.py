@@ -57,7 +57,7 @@ def _print_summary(summary: dict) -> None:
 
 def run_fisher(cfg, config_text: str) -> int:
     """Returns the exit status: 0, or ``PREEMPTED_EXIT`` after a checkpoint on SIGUSR1 / SIGTERM."""
-    env = init_distributed(require_group=cfg.dist.backend != "none")
+    env = init_distributed(require_group=cfg.dist.backend != "none", timeout_s=cfg.dist.timeout_s)
     try:
         return _run(cfg, config_text, env)
     finally:

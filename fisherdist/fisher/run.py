@@ -77,12 +77,12 @@ def fisher_step(wrapped: object, acc: FisherAccumulator, batch: dict[str, torch.
 
 
 def _discard_grads(wrapped: object, module: torch.nn.Module) -> None:
-    """Drop this micro-batch's gradients. ZeRO keeps reduced gradients in its own partitions, which only
-    ``engine.step()`` clears; a Fisher pass wraps with an lr-0 optimizer, so that step moves no weight."""
-    if str(getattr(wrapped, "backend", "")).startswith("zero"):
-        wrapped.step()  # type: ignore[attr-defined]
-    elif hasattr(wrapped, "zero_grad"):
-        wrapped.zero_grad()  # type: ignore[attr-defined]
+    """Drop this micro-batch's gradients without an optimizer step, so a pass on a live training model
+    leaves its weights, optimizer state and step counters as they were (ZeRO's reduced partitions too)."""
+    from fisherdist.distributed.wrap import Wrapped
+
+    if isinstance(wrapped, Wrapped):
+        wrapped.clear_grads()
     else:
         module.zero_grad(set_to_none=True)
 

@@ -25,6 +25,7 @@ import math
 import torch
 from torch import nn
 
+from fisherdist.distributed.wrap_deepspeed import grad_epoch
 from fisherdist.errors import FisherdistError
 from fisherdist.fisher.backends import zero_internals as zi
 from fisherdist.fisher.backends.base import Backend
@@ -42,7 +43,7 @@ class ZeroBackend(Backend):
         self.name = f"zero{self.stage}"
         self.grad_scale = float(model.gradient_accumulation_steps())  # type: ignore[operator]
         self._placement: Placement | None = None
-        self._read_at: dict[str, int] = {}  # engine.global_steps at each parameter's last batch read
+        self._read_at: dict[str, tuple[int, int]] = {}  # grad_epoch at each parameter's last batch read
 
     def placement(self, targets: dict[str, nn.Parameter]) -> Placement:
         shapes = {f: param_shape(p) for f, p in targets.items()}
@@ -86,11 +87,11 @@ class ZeroBackend(Backend):
         if not engine.is_gradient_accumulation_boundary():  # type: ignore[operator]
             raise FisherdistError(f"{self.name} batch granularity: acc.step() must run after engine.backward() at a "
                                   "gradient-accumulation boundary (the reduced gradient exists only there)")
-        steps = int(engine.global_steps)  # type: ignore[arg-type]
-        if self._read_at.get(fqn) == steps:
-            raise FisherdistError(f"{self.name} batch granularity: call engine.step() (Wrapped.step()) after acc.step(); "
-                                  "DeepSpeed keeps accumulating gradients until its optimizer step")
-        self._read_at[fqn] = steps
+        epoch = grad_epoch(engine)  # type: ignore[arg-type]
+        if self._read_at.get(fqn) == epoch:
+            raise FisherdistError(f"{self.name} batch granularity: call engine.step() (Wrapped.step()) or "
+                                  "Wrapped.clear_grads() after acc.step(); DeepSpeed keeps accumulating gradients until then")
+        self._read_at[fqn] = epoch
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "zero_stage": self.stage,
