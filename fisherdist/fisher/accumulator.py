@@ -31,6 +31,7 @@ from fisherdist.fisher.layout import Fragment
 from fisherdist.fisher.persample import OnReady, PerSampleStats, find_targets
 from fisherdist.fisher.spec import FisherSpec
 from fisherdist.fisher.state import FisherState
+from fisherdist.fisher.summary import summarise
 from fisherdist.fisher.targets import select_targets, tensor_hook
 
 
@@ -276,6 +277,13 @@ class FisherAccumulator:
         if self.spec.estimator == "rank1":
             return b["first"][fqn] / n
         return b["sq"][fqn] / n
+
+    def summary(self, state: str = DEFAULT_STATE) -> dict[str, torch.Tensor]:
+        """Row sums, column sums and total of every target's mean-convention Fisher (``<name>.row`` ...),
+        from each rank's fragments: small vectors are reduced, no matrix is gathered (collective)."""
+        counts = self.states[state].global_counts()
+        fragments = {f: (self.fragment(f), self.fisher(f, counts=counts, state=state)) for f in self.targets}
+        return summarise(fragments, self.backend.group)
 
     def full_fisher(self, fqn: str, state: str = DEFAULT_STATE) -> torch.Tensor:
         """Gather the whole tensor (collective; for tests and export of small models)."""
