@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
-from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from fisherdist.atomic import swap_in
 from fisherdist.distributed.collectives import barrier, is_main
@@ -36,7 +35,7 @@ def save_fisher(state: FisherState, path: str | Path) -> Path:
     if is_main() and tmp.exists():
         shutil.rmtree(tmp)
     barrier()
-    dcp_save({KEY: state}, checkpoint_id=str(tmp))
+    dcp.save({KEY: state}, checkpoint_id=str(tmp))
     barrier()
     if is_main():
         swap_in(tmp, path)
@@ -87,7 +86,7 @@ def load_fisher(state: FisherState, path: str | Path) -> None:
     path = Path(path)
     check_compatible(state, path)
     try:
-        dcp_load({KEY: state}, checkpoint_id=str(path))
+        dcp.load({KEY: state}, checkpoint_id=str(path))
     except CheckpointError:
         raise
     except (Exception, DCPException) as e:

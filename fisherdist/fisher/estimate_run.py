@@ -14,6 +14,7 @@ from fisherdist.data.batches import load_texts, rank_batches, tokenize
 from fisherdist.distributed.collectives import DTYPES
 from fisherdist.distributed.env import DistEnv, init_distributed, teardown
 from fisherdist.distributed.preempt import PreemptionHandler
+from fisherdist.errors import ConfigError
 from fisherdist.fisher.api import Accumulator
 from fisherdist.fisher.checkpoint import load_fisher, save_fisher
 from fisherdist.fisher.run import check_health, fisher_step, make_accumulator
@@ -69,6 +70,9 @@ def run_fisher(cfg: FisherRunConfig, config_text: str) -> int:
 
 
 def _run(cfg: FisherRunConfig, config_text: str, env: DistEnv) -> int:
+    if cfg.fisher.decay is not None:  # its resume position counts samples, which an EMA decays
+        raise ConfigError(f"fisher.decay={cfg.fisher.decay}: an online (EMA) Fisher belongs in a training loop; "
+                          "fisherdist fisher estimates a plain mean (remove fisher.decay)")
     torch.manual_seed(cfg.fisher.seed)
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.model.path)
