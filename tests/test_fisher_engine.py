@@ -10,7 +10,7 @@ import torch.distributed as dist
 from fisherdist.distributed.wrap import wrap_model
 from fisherdist.fisher import FisherAccumulator, FisherSpec, fisher_step
 from tests.distributed import run_distributed
-from tests.fisher_oracle import dataset, micro_batches, oracle, tiny_llama
+from tests.fisher_oracle import dataset, micro_batches, oracle, padded, tiny_llama
 
 N, MB = 12, 3
 FULL = ["model.embed_tokens.weight", "model.layers.*", "model.norm.weight", "lm_head.weight"]
@@ -34,17 +34,25 @@ def build(peft: bool, dtype: torch.dtype = torch.float64):
     return (lora(model) if peft else model).to(dtype)
 
 
-def run_engine(rank: int, world: int, backend: str, spec_kwargs: dict, peft: bool) -> dict:
+def feed(w, acc, rank: int, world: int, n: int = N, mb: int = MB) -> None:
+    """This rank's micro-batches as the data loader makes them: an uneven last step is topped up with
+    invalid rows; true-Fisher labels come from the rank's generator (seed + rank, as the oracle draws)."""
+    ids, labels = dataset(n)
+    generator = torch.Generator().manual_seed(acc.spec.seed + rank)
+    for step in micro_batches(n, world, mb):
+        rows, valid = padded(step[rank], mb)
+        fisher_step(w, acc, {"input_ids": ids[rows], "labels": labels[rows], "valid": valid}, generator)
+
+
+def run_engine(rank: int, world: int, backend: str, spec_kwargs: dict, peft: bool, n: int = N) -> dict:
     model = build(peft)
     w = wrap_model(model, backend if world > 1 else "none")
     spec = FisherSpec(dtype="float64", **spec_kwargs)
     acc = FisherAccumulator(w, spec)
-    ids, labels = dataset(N)
-    for step in micro_batches(N, world, MB):
-        idx = step[rank]
-        fisher_step(w, acc, {"input_ids": ids[idx], "labels": labels[idx]})
+    feed(w, acc, rank, world, n)
     full = {f: acc.full_fisher(f) for f in acc.targets}
-    return {"full": full, "local": acc.placement.local_numel(), "total": acc.placement.total_numel()}
+    return {"full": full, "local": acc.placement.local_numel(), "total": acc.placement.total_numel(),
+            "counts": acc.state.global_counts()}
 
 
 CASES = [
@@ -64,11 +72,11 @@ def assert_rel_close(got: torch.Tensor, ref: torch.Tensor, name: str, tol: float
     assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
 
 
-def _check(result: dict, peft: bool, spec_kwargs: dict, world: int) -> None:
+def _check(result: dict, peft: bool, spec_kwargs: dict, world: int, n: int = N) -> None:
     model = build(peft)
     names = list(result["full"])
-    ref = oracle(model, *dataset(N), names, spec_kwargs["granularity"], spec_kwargs.get("estimator", "empirical"),
-                 world, MB, spec_kwargs.get("token_weighted", False))
+    ref = oracle(model, *dataset(n), names, spec_kwargs["granularity"], spec_kwargs.get("estimator", "empirical"),
+                 world, MB, spec_kwargs.get("token_weighted", False), spec_kwargs.get("mc_samples", 1))
     for n in names:
         assert_rel_close(result["full"][n], ref[n].reshape(result["full"][n].shape), n)
 

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from fisherdist.distributed.wrap import wrap_model
-from fisherdist.fisher import FisherSpec, fisher_step, per_sample_nll
+from fisherdist.fisher import FisherSpec, fisher_step
 from fisherdist.fisher.kfac import KroneckerFactors
 from fisherdist.fisher.layout import Placement
 from tests.distributed import run_distributed
-from tests.fisher_oracle import dataset, micro_batches, tiny_llama
+from tests.fisher_oracle import dataset, mean_token_nll, micro_batches, tiny_llama
 
 N, MB = 12, 3
 PARAMS = ["model.layers.*.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"]
@@ -31,17 +31,18 @@ def direct_factors(layers: list[str]) -> dict[str, tuple[torch.Tensor, torch.Ten
             acts[n], outs[n] = inp[0], out
 
         hooks = [mods[n].register_forward_hook(lambda m, inp, out, n=n: keep_io(m, inp, out, n)) for n in layers]
-        loss = per_sample_nll(model(input_ids=ids[i : i + 1]).logits, labels[i : i + 1]).sum()
+        loss = mean_token_nll(model(input_ids=ids[i : i + 1]).logits, labels[i : i + 1]).sum()
         for h in hooks:
             h.remove()
         grads = torch.autograd.grad(loss, [outs[n] for n in layers])
-        keep = (labels[i] != -100)
+        keep = torch.zeros(labels.shape[1], dtype=torch.bool)  # logits at t predict label t+1
+        keep[:-1] = labels[i, 1:] != -100
         tokens += int(keep.sum())
         for n, g in zip(layers, grads):
             a, g = acts[n][0][keep], g[0][keep]
             sums[n][0] = sums[n][0] + a.T @ a
             sums[n][1] = sums[n][1] + g.T @ g
-    return {n: (s[0] / tokens, s[1] / N) for n, s in sums.items()}
+    return {n: (s[0] / tokens, s[1] / N) for n, s in sums.items()} | {"tokens": tokens}
 
 
 def run_kfac(rank: int, world: int, backend: str) -> dict:
@@ -50,7 +51,8 @@ def run_kfac(rank: int, world: int, backend: str) -> dict:
     ids, labels = dataset(N)
     for step in micro_batches(N, world, MB):
         fisher_step(w, acc, {"input_ids": ids[step[rank]], "labels": labels[step[rank]]})
-    return {"factors": {n: acc.factors(n) for n in acc.owned()},
+    eig = {n: acc.eigenbasis(f"{n}.A", 2) for n in sorted({f[:-2] for f in acc.placement.shapes})}  # every rank
+    return {"factors": {n: acc.factors(n) for n in acc.owned()}, "counts": acc.state.global_counts(), "eig": eig,
             "held": sum(b.numel() for b in acc.state.buffers["sum"].values())}
 
 
@@ -75,9 +77,38 @@ def test_kfac_matches_direct_computation(backend):
         assert not set(r["factors"]) & set(got), "a factor lives on two ranks"
         got.update(r["factors"])
     assert set(got) == set(layers)
+    # loss-carrying positions only: the same token count as every other estimator's
+    assert results[0]["counts"]["tokens"] == ref["tokens"] == int((dataset(N)[1][:, 1:] != -100).sum())
     for n in layers:
         for x, y in zip(got[n], ref[n]):
             assert ((x - y).norm() / y.norm()).item() < 1e-5, n
+    for r in results:  # computed on the owner, the same replicated everywhere
+        for n, (values, vectors) in r["eig"].items():
+            dense_values, dense_vectors = torch.linalg.eigh(ref[n][0])
+            torch.testing.assert_close(values, dense_values.flip(0)[:2], rtol=1e-5, atol=1e-10)
+            torch.testing.assert_close(vectors @ vectors.T, dense_vectors[:, -2:] @ dense_vectors[:, -2:].T, rtol=1e-4, atol=1e-8)
     if backend != "none":
         total = sum(r["held"] for r in results)
         assert max(r["held"] for r in results) < total  # not all-reduced to everyone
+
+
+def test_output_factor_only_and_eigenbasis_match_dense():
+    """``kfac_factors=output`` keeps G alone (no A is formed); the top-m eigenbasis equals a dense float64
+    eigendecomposition of the direct factor (compared as projectors: eigenvector signs are arbitrary)."""
+    layers = ["model.layers.1.mlp.down_proj", "lm_head"]
+    ref = direct_factors(layers)
+    w = wrap_model(tiny_llama(), "none")
+    acc = KroneckerFactors(w, FisherSpec(params=[f"{n}.weight" for n in layers], dtype="float64", kfac_factors="output"))
+    ids, labels = dataset(N)
+    for step in micro_batches(N, 1, MB):
+        fisher_step(w, acc, {"input_ids": ids[step[0]], "labels": labels[step[0]]})
+    assert sorted(acc.placement.shapes) == sorted(f"{n}.G" for n in layers)
+    for n in layers:
+        a, g = acc.factors(n)
+        assert a is None and ((g - ref[n][1]).norm() / ref[n][1].norm()).item() < 1e-6
+        m = 3
+        values, vectors = acc.eigenbasis(f"{n}.G", m)
+        dense_values, dense_vectors = torch.linalg.eigh(ref[n][1])
+        top = dense_vectors[:, -m:]
+        torch.testing.assert_close(values, dense_values.flip(0)[:m], rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(vectors @ vectors.T, top @ top.T, rtol=1e-5, atol=1e-8)

@@ -2,6 +2,7 @@
 (``Placement``, ``FisherState``) and how it is communicated (backend adapters, ``comm``)."""
 
 from fisherdist.fisher.accumulator import FisherAccumulator
+from fisherdist.fisher.api import DEFAULT_STATE, Accumulator
 from fisherdist.fisher.layout import Fragment, Placement
 from fisherdist.fisher.loss import model_labels, per_sample_nll
 from fisherdist.fisher.run import estimate_fisher, fisher_step, make_accumulator
@@ -9,6 +10,8 @@ from fisherdist.fisher.spec import FisherSpec
 from fisherdist.fisher.state import FisherState
 
 __all__ = [
+    "DEFAULT_STATE",
+    "Accumulator",
     "FisherAccumulator",
     "FisherSpec",
     "FisherState",

@@ -53,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from fisherdist.fisher.export import export_safetensors
 
-    path = export_safetensors(Path(args.dir), Path(args.out))
+    path = export_safetensors(Path(args.dir), Path(args.out), summary=args.summary)
     print(f"wrote {path}")
     return 0
 
@@ -66,6 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("export", help="write a Fisher checkpoint as one float32 tensor per parameter (safetensors)")
     e.add_argument("dir", help="a run's out/ directory or its out/fisher checkpoint")
     e.add_argument("--out", required=True, help="FILE.safetensors")
+    e.add_argument("--summary", action="store_true",
+                   help="write per-matrix row sums, column sums and totals (<name>.row/.col/.total) instead")
     e.set_defaults(func=_export)
 
 

@@ -5,22 +5,27 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from fisherdist.data.batches import load_texts, rank_batches, tokenize
 from fisherdist.distributed.collectives import DTYPES
-from fisherdist.distributed.env import init_distributed, teardown
+from fisherdist.distributed.env import DistEnv, init_distributed, teardown
 from fisherdist.distributed.preempt import PreemptionHandler
-from fisherdist.fisher.accumulator import FisherAccumulator
+from fisherdist.errors import ConfigError
+from fisherdist.fisher.api import Accumulator
 from fisherdist.fisher.checkpoint import load_fisher, save_fisher
 from fisherdist.fisher.run import check_health, fisher_step, make_accumulator
 from fisherdist.models.load import load_tokenizer
 from fisherdist.models.sharded_load import load_wrapped
 
+if TYPE_CHECKING:
+    from fisherdist.fisher.cli import FisherRunConfig
 
-def _summary(acc: FisherAccumulator, seconds: float) -> dict:
+
+def _summary(acc: Accumulator, seconds: float) -> dict[str, Any]:
     """Per-parameter norms and maxima of the mean Fisher, computed shard-locally and reduced as scalars."""
     counts = acc.state.global_counts()
     rows = {}
@@ -36,7 +41,7 @@ def _summary(acc: FisherAccumulator, seconds: float) -> dict:
             "numel_total": acc.placement.total_numel(), "numel_local_rank0": local, "meta": acc.state.meta}
 
 
-def _print_summary(summary: dict) -> None:
+def _print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -55,7 +60,7 @@ def _print_summary(summary: dict) -> None:
                   f"{summary['numel_total']:,} Fisher elements")
 
 
-def run_fisher(cfg, config_text: str) -> int:
+def run_fisher(cfg: FisherRunConfig, config_text: str) -> int:
     """Returns the exit status: 0, or ``PREEMPTED_EXIT`` after a checkpoint on SIGUSR1 / SIGTERM."""
     env = init_distributed(require_group=cfg.dist.backend != "none", timeout_s=cfg.dist.timeout_s)
     try:
@@ -64,7 +69,10 @@ def run_fisher(cfg, config_text: str) -> int:
         teardown()
 
 
-def _run(cfg, config_text: str, env) -> int:
+def _run(cfg: FisherRunConfig, config_text: str, env: DistEnv) -> int:
+    if cfg.fisher.decay is not None:  # its resume position counts samples, which an EMA decays
+        raise ConfigError(f"fisher.decay={cfg.fisher.decay}: an online (EMA) Fisher belongs in a training loop; "
+                          "fisherdist fisher estimates a plain mean (remove fisher.decay)")
     torch.manual_seed(cfg.fisher.seed)
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.model.path)

@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 
 from fisherdist.errors import FisherdistError
 from fisherdist.fisher.checkpoint import read_fisher
+from fisherdist.fisher.layout import Fragment
+from fisherdist.fisher.summary import summarise
 
 
 def mean_fisher(stats: dict[str, dict[str, torch.Tensor]], estimator: str, weight: float) -> dict[str, torch.Tensor]:
@@ -40,18 +42,27 @@ def kfac_factors(stats: dict[str, dict[str, torch.Tensor]], counts: dict[str, fl
     return {f: t / (counts["tokens"] if f.endswith(".A") else counts["samples"]) for f, t in stats["sum"].items()}
 
 
-def export_safetensors(src: Path, out: Path) -> Path:
+def export_safetensors(src: Path, out: Path, *, summary: bool = False) -> Path:
+    """Every target's mean-convention Fisher, or with ``summary`` its ``<name>.row`` / ``.col`` / ``.total``
+    (float64; see :mod:`fisherdist.fisher.summary`)."""
     ckpt = src / "fisher" if (src / "fisher" / ".metadata").is_file() else src
     stats, counts, meta = read_fisher(ckpt)
     shapes = {f: tuple(s) for f, s in meta.get("shapes", {}).items()}
+    if summary and meta["estimator"] == "kfac":
+        raise FisherdistError(f"{ckpt}: --summary summarises a diagonal Fisher; this checkpoint holds K-FAC factors")
     values = kfac_factors(stats, counts) if meta["estimator"] == "kfac" else mean_fisher(stats, meta["estimator"], counts["weight"])
     tensors = {}
     for fqn, value in values.items():
         shape = shapes.get(fqn, tuple(value.shape))
         tensors[fqn] = value.to(torch.float32).reshape(shape).contiguous()
+    if summary:
+        tensors = {k: v.contiguous() for k, v in summarise(
+            {f: (Fragment(f, t.shape, 0, t.numel()), values[f]) for f, t in tensors.items()}).items()}
     header = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items() if k != "shapes"}
     header.update({f"counts.{k}": repr(v) for k, v in counts.items()})
     header["convention"] = "mean: F = (1/N) sum_i w_i g_i^2 (N = counts.weight)"
+    if summary:
+        header["summary"] = "<name>.row / .col / .total: sums of the mean Fisher over (d0, prod(rest))"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata=header)

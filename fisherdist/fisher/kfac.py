@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from fisherdist.distributed.collectives import DTYPES
 from fisherdist.errors import FisherdistError
+from fisherdist.fisher.api import DEFAULT_STATE
 from fisherdist.fisher.backends import make_backend
 from fisherdist.fisher.comm import reduce_scatter_to_owners
 from fisherdist.fisher.layout import Placement
+from fisherdist.fisher.spec import FisherSpec
 from fisherdist.fisher.state import FisherState
-from fisherdist.fisher.targets import clean_fqn
+from fisherdist.fisher.targets import clean_fqn, tensor_hook
 
 
 def linear_modules(model: nn.Module, patterns: list[str]) -> dict[str, nn.Linear]:
@@ -37,98 +41,145 @@ def linear_modules(model: nn.Module, patterns: list[str]) -> dict[str, nn.Linear
 
 
 class KroneckerFactors:
-    """Same loop surface as ``FisherAccumulator``: ``record(labels)``, ``step()``, ``state``."""
+    """Same loop surface as ``FisherAccumulator`` (:class:`fisherdist.fisher.api.Accumulator`)."""
 
-    def __init__(self, model: object, spec, *, backend: str | None = None) -> None:
+    def __init__(self, model: object, spec: FisherSpec, *, backend: str | None = None) -> None:
         self.spec = spec
         self.backend = make_backend(model, backend)
         self.layers = linear_modules(self.backend.unwrapped, spec.params)
-        self.dtype = torch.float64 if spec.dtype == "float64" else torch.float32
+        self.dtype = DTYPES[spec.dtype]
+        self.sides = ("G",) if spec.kfac_factors == "output" else ("A", "G")
         shapes: dict[str, tuple[int, ...]] = {}
         for name, m in self.layers.items():
             d_in = m.in_features + (1 if m.bias is not None else 0)
-            shapes[f"{name}.A"] = (d_in, d_in)
+            if "A" in self.sides:
+                shapes[f"{name}.A"] = (d_in, d_in)
             shapes[f"{name}.G"] = (m.out_features, m.out_features)
         # A and G of one layer share an owner: that rank inverts both.
         self.placement = Placement.owned(shapes, self.backend.rank, self.backend.world, group_of=lambda f: f[:-2])
-        device = next(self.backend.unwrapped.parameters()).device
+        self._device = next(self.backend.unwrapped.parameters()).device
         meta = {"estimator": "kfac", "granularity": "sample", "token_weighted": False, "dtype": spec.dtype,
+                "decay": spec.decay, "kfac_factors": spec.kfac_factors,
                 "convention": "A = sum a a^T / counts.tokens, G = sum g g^T / counts.samples",
                 "shapes": {f: list(s) for f, s in shapes.items()}, **self.backend.describe()}
-        self.state = FisherState(self.placement, ("sum",), meta, dtype=self.dtype, device=device, group=self.backend.group)
+        self.state = FisherState(self.placement, ("sum",), meta, dtype=self.dtype, device=self._device,
+                                 group=self.backend.group)
         self._pending: dict[str, list[torch.Tensor]] = {}
         self._inputs: dict[str, torch.Tensor] = {}
-        self._token_mask: torch.Tensor | None = None
+        self._token_mask = torch.zeros(0)
         self._grad_scale = 1.0
         self._counts: dict[str, torch.Tensor] = {}
+        self._step_counts: dict[str, torch.Tensor] = {}
+        self._decay_due = False
         self._recording = False
         self._handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in self.layers.items()]
 
-    def _forward_hook(self, name: str):
-        def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    def _forward_hook(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if not (self._recording and torch.is_grad_enabled() and output.requires_grad):
                 return
-            a = inputs[0].detach()
-            if module.bias is not None:
-                a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-            self._inputs[name] = a
-            output.register_hook(lambda g, name=name: self._backward(name, g))
+            if "A" in self.sides:
+                a = inputs[0].detach()
+                if getattr(module, "bias", None) is not None:
+                    a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+                self._inputs[name] = a
+            tensor_hook(output, lambda g: self._backward(name, g))
 
         return hook
 
     def _backward(self, name: str, grad: torch.Tensor) -> None:
         with torch.no_grad():
-            a = self._inputs.pop(name).to(self.dtype)
-            g = grad.to(self.dtype) * self._grad_scale
-            mask = self._token_mask.to(self.dtype).reshape(*a.shape[:-1], 1)
-            a2 = (a * mask).reshape(-1, a.shape[-1])
-            g2 = (g * mask).reshape(-1, g.shape[-1])
-            self._pending[f"{name}.A"] = [a2.T @ a2]
+            mask = self._token_mask.to(self.dtype).reshape(*grad.shape[:-1], 1)
+            g2 = (grad.to(self.dtype) * self._grad_scale * mask).reshape(-1, grad.shape[-1])
             self._pending[f"{name}.G"] = [g2.T @ g2]
+            if "A" in self.sides:
+                a = self._inputs.pop(name).to(self.dtype)
+                a2 = (a * mask).reshape(-1, a.shape[-1])
+                self._pending[f"{name}.A"] = [a2.T @ a2]
 
     @contextlib.contextmanager
-    def record(self, labels: torch.Tensor, *, valid: torch.Tensor | None = None, loss_scale: float = 1.0) -> Iterator[None]:
-        """The backpropagated loss must be ``loss_scale`` x the sum of per-sample mean NLLs; the tokens
-        counted in A are those carrying a label (padding and masked prompts are left out)."""
-        sample_ok = torch.ones(labels.shape[0], device=labels.device) if valid is None else valid.float()
-        tokens = sample_ok[:, None] * (labels != -100).float()
-        self._token_mask = tokens
+    def record(self, labels: torch.Tensor | None = None, *, valid: torch.Tensor | None = None,
+               loss_scale: float = 1.0, state: str = DEFAULT_STATE, count: bool = True) -> Iterator[None]:
+        """The backpropagated loss must be ``loss_scale`` x the sum of per-sample mean NLLs. The tokens
+        in the factors are the loss-carrying positions: the logits at t predict label t+1, so position t
+        counts when ``labels[t + 1] != -100`` (the last position never does)."""
+        if labels is None or state != DEFAULT_STATE:
+            raise FisherdistError("K-FAC record() needs labels and keeps one (the default) state")
+        if self._decay_due and self.spec.decay is not None:
+            self.state.decay(self.spec.decay)
+        self._decay_due = False
+        sample_ok = torch.ones(labels.shape[0], device=labels.device) if valid is None else valid.to(torch.float32)
+        carries = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+        carries[:, :-1] = (labels[:, 1:] != -100).to(torch.float32)
+        self._token_mask = sample_ok[:, None] * carries
         self._grad_scale = self.backend.grad_scale / loss_scale
-        self._counts = {"samples": sample_ok.sum().double(), "tokens": tokens.sum().double()}  # added at step()
+        self._counts = {"weight": torch.ones((), dtype=torch.float64)}
+        if count:
+            self._counts.update(samples=sample_ok.sum().double(), tokens=self._token_mask.sum().double())
         self._recording = True
         try:
             yield
         finally:
             self._recording = False
             self._inputs.clear()
+            for name, value in self._counts.items():
+                self._step_counts[name] = self._step_counts.get(name, 0.0) + value
+            self._counts = {}
 
-    def step(self) -> None:
+    def cancel(self) -> None:
+        """The current ``record()`` block is left without a backward: it counts nothing."""
+        self._counts = {}
+
+    def step(self, *, optimizer_step: bool = True) -> None:
         local = {}
         for fqn, shape in self.placement.shapes.items():
-            local[fqn] = self._pending.pop(fqn, None) or [torch.zeros(shape, dtype=self.dtype)]
+            local[fqn] = self._pending.pop(fqn, []) or [torch.zeros(shape, dtype=self.dtype, device=self._device)]
         for fqn, frags in reduce_scatter_to_owners(local, self.placement, self.backend.group).items():
             self.state.add("sum", fqn, frags[0])
-        self.state.count(weight=1.0, steps=1.0, **self._counts)
-        self._counts = {}
+        self.state.count(steps=1.0, **self._step_counts)
+        self._step_counts = {}
+        self._decay_due = optimizer_step
 
     def owned(self) -> list[str]:
         """Layers whose factors live on this rank."""
         return sorted({f[:-2] for f in self.placement.shapes if self.placement.owner(f) == self.placement.rank})
 
-    def fisher(self, fqn: str, *, counts: dict[str, float] | None = None) -> torch.Tensor:
-        """This rank's part (all or nothing) of factor ``fqn`` (``<layer>.A`` / ``<layer>.G``), normalised."""
+    def fisher(self, fqn: str, *, counts: dict[str, float] | None = None, state: str = DEFAULT_STATE) -> torch.Tensor:
+        """This rank's part (all or nothing, flat) of factor ``fqn`` (``<layer>.A`` / ``<layer>.G``), normalised."""
         counts = counts or self.state.global_counts()
         return self.state.buffers["sum"][fqn] / (counts["tokens"] if fqn.endswith(".A") else counts["samples"])
 
-    def factors(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, G)`` of a layer this rank owns, normalised (global counts: one collective)."""
+    def factors(self, layer: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(A, G)`` of a layer this rank owns, normalised (global counts: one collective); A is None when
+        only the output-side factor is kept."""
         counts = self.state.global_counts()
-        if self.placement.owner(f"{layer}.A") != self.placement.rank:
-            raise FisherdistError(f"K-FAC factors of {layer} live on rank {self.placement.owner(f'{layer}.A')}")
-        buf = self.state.buffers["sum"]
-        a = buf[f"{layer}.A"].view(self.placement.shapes[f"{layer}.A"]) / counts["tokens"]
-        g = buf[f"{layer}.G"].view(self.placement.shapes[f"{layer}.G"]) / counts["samples"]
-        return a, g
+        owner = self.placement.owner(f"{layer}.G")
+        if owner != self.placement.rank:
+            raise FisherdistError(f"K-FAC factors of {layer} live on rank {owner}")
+        a = self._square(f"{layer}.A", counts) if "A" in self.sides else None
+        return a, self._square(f"{layer}.G", counts)
+
+    def _square(self, fqn: str, counts: dict[str, float]) -> torch.Tensor:
+        return self.fisher(fqn, counts=counts).view(self.placement.shapes[fqn])
+
+    def eigenbasis(self, fqn: str, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-``m`` eigenvalues ``(m,)`` (descending) and eigenvectors ``(d, m)`` of factor ``fqn``,
+        computed on its owner rank and broadcast: small and replicated, the whole factor never moves
+        (collective: every rank calls it)."""
+        d = self.placement.shapes[fqn][0]
+        if not 0 < m <= d:
+            raise FisherdistError(f"K-FAC eigenbasis of {fqn}: m={m} must be in 1..{d}")
+        counts = self.state.global_counts()
+        owner = self.placement.owner(fqn)
+        packed = torch.zeros(m + d * m, dtype=self.dtype, device=self._device)
+        if owner == self.placement.rank:
+            values, vectors = torch.linalg.eigh(self._square(fqn, counts))
+            packed = torch.cat([values.flip(0)[:m], vectors.flip(1)[:, :m].reshape(-1)])
+        if self.placement.world > 1:
+            group = self.backend.group
+            src = dist.get_global_rank(group, owner) if group is not None else owner
+            dist.broadcast(packed, src=src, group=group)
+        return packed[:m], packed[m:].view(d, m)
 
     def close(self) -> None:
         for h in self._handles:

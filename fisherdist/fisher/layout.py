@@ -107,6 +107,16 @@ class Placement:
         }
         return cls(rank, world, dict(shapes), ranges)
 
+    def columns(self, fqn: str, full: torch.Tensor) -> torch.Tensor:
+        """A full-shaped statistic of ``fqn`` as ``(world, width)``: row r is rank r's range, zero-padded to
+        the widest, so a reduce-scatter of these columns lands every range on its owner."""
+        flat = full.reshape(-1)
+        width = max(n for _, n in self.ranges[fqn])
+        out = flat.new_zeros(self.world, width)
+        for r, (start, n) in enumerate(self.ranges[fqn]):
+            out[r, :n] = flat[start : start + n]
+        return out
+
     def owner(self, fqn: str) -> int:
         """The rank holding most of ``fqn`` (all of it for ``owned`` placements)."""
         return max(range(self.world), key=lambda r: self.ranges[fqn][r][1])

@@ -25,7 +25,9 @@ transparent. The model's module names are the caller's business: pass ``{clean_f
 from __future__ import annotations
 
 import types
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +35,7 @@ from torch.nn import functional as F
 
 from fisherdist.errors import FisherdistError
 from fisherdist.fisher.persample_layers import Moments, embedding_stats, is_rmsnorm, linear_stats, rmsnorm_stats
-from fisherdist.fisher.targets import clean_fqn
+from fisherdist.fisher.targets import clean_fqn, tensor_hook
 
 Targets = dict[str, tuple[nn.Module, str]]
 OnReady = Callable[[str, list[torch.Tensor]], None]
@@ -69,7 +71,7 @@ def find_targets(model: nn.Module, fqns: list[str]) -> Targets:
         mod_name, _, attr = fqn.rpartition(".")
         mod = modules.get(mod_name)
         p = mod._parameters.get(attr) if mod is not None else None
-        if p is None:
+        if mod is None or p is None:
             raise FisherdistError(f"per-sample statistics: {fqn} is not a parameter owned directly by a module")
         names = sorted(set(owners[id(p)]))
         if len(names) > 1:
@@ -80,18 +82,23 @@ def find_targets(model: nn.Module, fqns: list[str]) -> Targets:
     return out
 
 
+#: the collector of each Linear whose forward is swapped for the fused one (while attached)
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, PerSampleStats] = weakref.WeakKeyDictionary()
+
+
 class _FusedLinear(torch.autograd.Function):
     """``F.linear`` whose backward forms the per-sample statistics and the weight gradient in one go."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, anchor, owner, module):
-        ctx.owner, ctx.module = owner, module
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                anchor: torch.Tensor | None, owner: PerSampleStats, module: nn.Module) -> torch.Tensor:
+        ctx.owner, ctx.module = owner, module  # ctx: autograd's FunctionCtx, which carries what we set on it
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, gout):
+    def backward(ctx: Any, gout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         owner: PerSampleStats = ctx.owner
         with torch.no_grad():
@@ -160,8 +167,8 @@ class PerSampleStats:
         for mod in self._by_module:
             # only a stock forward may be replaced: subclasses (bitsandbytes Linear4bit, ...) use the hook path
             if self.fused and isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward:
-                mod.forward = types.MethodType(_fused_forward, mod)
-                mod._fisherdist_persample = self
+                object.__setattr__(mod, "forward", types.MethodType(_fused_forward, mod))  # instance attribute
+                _OWNERS[mod] = self
                 self._swapped.append(mod)
             else:
                 self._handles.append(mod.register_forward_hook(self._forward_hook))
@@ -172,7 +179,7 @@ class PerSampleStats:
             h.remove()
         for mod in self._swapped:
             del mod.forward
-            del mod._fisherdist_persample
+            _OWNERS.pop(mod, None)
         self._handles.clear()
         self._swapped.clear()
         self._anchors.clear()
@@ -182,7 +189,7 @@ class PerSampleStats:
         self.results.clear()
 
     # -- hook path ----------------------------------------------------------------------------------
-    def _forward_hook(self, mod: nn.Module, args: tuple, output: object) -> torch.Tensor | None:
+    def _forward_hook(self, mod: nn.Module, args: tuple[torch.Tensor, ...], output: object) -> torch.Tensor | None:
         if not isinstance(output, torch.Tensor) or not torch.is_grad_enabled():
             return None
         self._enter(mod)
@@ -197,7 +204,7 @@ class PerSampleStats:
                 else:
                     self._emit(mod, self._other_stats(mod, inp, gout))
 
-        output.register_hook(on_grad)
+        tensor_hook(output, on_grad)
         return output
 
     def _enter(self, mod: nn.Module) -> None:
@@ -265,8 +272,9 @@ def _fused_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """Replacement ``nn.Linear.forward`` while fused collection is attached."""
     if not torch.is_grad_enabled():
         return F.linear(x, self.weight, self.bias)
-    owner: PerSampleStats = self._fisherdist_persample
+    owner = _OWNERS[self]
     owner._enter(self)
     trainable = x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
     anchor = None if trainable else owner._anchor(x)
-    return _FusedLinear.apply(x, self.weight, self.bias, anchor, owner, self)
+    out: torch.Tensor = _FusedLinear.apply(x, self.weight, self.bias, anchor, owner, self)  # type: ignore[no-untyped-call]
+    return out

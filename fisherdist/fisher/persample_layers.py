@@ -31,6 +31,7 @@ class Moments:
         self.sq = torch.mv(sq, w) if self.sq is None else self.sq.addmv_(sq, w)
 
     def result(self, scale: torch.Tensor | float) -> list[torch.Tensor]:
+        assert self.sq is not None, "no chunk was added"
         out = [self.sq.mul_(scale * scale).view(self.shape)]
         if self.first is not None:
             out.append(self.first.mul_(scale).view(self.shape))
@@ -136,7 +137,8 @@ def rmsnorm_stats(module: nn.Module, x: torch.Tensor, gout: torch.Tensor, w: tor
         hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     else:  # HF: normalise in float32, cast back to the input dtype before the weight multiply
         h = x.to(torch.float32)
-        hat = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(x.dtype)
+        eps = float(vars(module)["variance_epsilon"])  # a plain float attribute of HF's RMSNorm
+        hat = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     prod = _batch_first(gout, w, "RMSNorm output gradient").to(w.dtype) * _batch_first(hat, w, "RMSNorm input").to(w.dtype)
     m = Moments((prod.shape[-1],), want_first, w)
     m.add(prod.sum(1), w)

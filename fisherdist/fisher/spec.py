@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fisherdist.config import Section
 
@@ -43,6 +43,16 @@ class FisherSpec(Section):
     seed: int = 0
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="fail when more samples than this had NaN/inf")
     dtype: Literal["float32", "float64"] = "float32"
+    decay: float | None = Field(None, gt=0.0, lt=1.0, description="online (EMA) Fisher: sums and counts are "
+                                "multiplied by this at every optimizer step before the step's statistics are added")
+    kfac_factors: Literal["both", "output"] = Field("both", description="K-FAC: both factors, or only the "
+                                                    "output-side G (A is never formed)")
+
+    @field_validator("estimator", mode="before")
+    @classmethod
+    def _yaml_true(cls, value: object) -> object:
+        """YAML reads a bare ``true`` (the true-Fisher estimator) as a boolean."""
+        return "true" if value is True else value
 
     @model_validator(mode="after")
     def _compatible(self) -> FisherSpec:

@@ -14,12 +14,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata, init_from_local_shards
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import init_from_local_shards
+from torch.distributed._shard.sharded_tensor.api import ShardedTensor
+from torch.distributed._shard.sharded_tensor.shard import Shard
 
 from fisherdist.errors import CheckpointError
 from fisherdist.fisher.layout import Fragment, Placement
 
 COUNTERS = ("weight", "samples", "tokens", "skipped", "steps")
+#: counters an online (EMA) Fisher decays with its sums, so sums / counts stay the bias-corrected mean
+DECAYED = ("weight", "samples", "tokens")
 
 
 def _sharded(flat: torch.Tensor, frag: Fragment, full_numel: int, rank: int, group: dist.ProcessGroup | None) -> ShardedTensor:
@@ -69,6 +74,16 @@ class FisherState:
     def count(self, **increments: torch.Tensor | float) -> None:
         for name, value in increments.items():
             self.local_counts[name] += value
+
+    def decay(self, factor: float) -> None:
+        """Online Fisher: ``S <- factor * S`` and the same for the normalising counts, before a new step adds
+        to them, so ``S / counts.weight`` is the bias-corrected EMA (an exponentially weighted mean)."""
+        for per_fqn in self.buffers.values():
+            for buf in per_fqn.values():
+                buf.mul_(factor)
+        for c in DECAYED:
+            self.local_counts[c].mul_(factor)
+            self.base_counts[c] *= factor
 
     def reset(self) -> None:
         for per_fqn in self.buffers.values():

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from fisherdist.errors import FisherdistError
 
@@ -36,3 +38,9 @@ def select_targets(model: nn.Module, patterns: list[str]) -> dict[str, nn.Parame
 def param_shape(p: torch.Tensor) -> tuple[int, ...]:
     """The global (unsharded) shape, also for DTensor and DeepSpeed ZeRO-3 (``ds_shape``) parameters."""
     return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+
+def tensor_hook(t: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> RemovableHandle:
+    """``t.register_hook(fn)`` with a type (torch's stub of ``register_hook`` is untyped)."""
+    handle: RemovableHandle = t.register_hook(fn)  # type: ignore[no-untyped-call]
+    return handle

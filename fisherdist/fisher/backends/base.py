@@ -22,6 +22,12 @@ class StatSink(Protocol):
     """What an adapter sees of the accumulator."""
 
     targets: dict[str, nn.Parameter]
+    placement: Placement
+
+    @property
+    def fuses_grads(self) -> bool:
+        """True when the statistics are formed from the local gradient the hook reduces (microbatch)."""
+        ...
 
     def recording(self) -> bool: ...
 
@@ -54,8 +60,13 @@ class Backend(ABC):
     def install(self, sink: StatSink) -> None:  # noqa: B027 - a no-op default, not an abstract method
         """Install reduction hooks (default: none, everything goes through the accumulator's collective)."""
 
-    def remove(self) -> None:  # noqa: B027 - a no-op default, not an abstract method
-        """Undo :meth:`install`."""
+    def remove(self, sink: StatSink) -> None:  # noqa: B027 - a no-op default, not an abstract method
+        """Undo :meth:`install` for ``sink`` only (other accumulators on the same model keep their part)."""
+
+    def stats_placement(self, targets: dict[str, nn.Parameter]) -> Placement:
+        """Where sample / micro-batch statistics live; the gradient's placement unless the adapter can
+        balance them better (they are formed locally, so any layout costs the same collective)."""
+        return self.placement(targets)
 
     @abstractmethod
     def reduced_grad(self, fqn: str, param: nn.Parameter) -> torch.Tensor | None:

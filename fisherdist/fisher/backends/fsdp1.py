@@ -18,63 +18,73 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._comm_hooks.default_hooks import DefaultState, reduce_scatter_hook
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from fisherdist.errors import FisherdistError
 from fisherdist.fisher.backends import fsdp1_internals as fi
 from fisherdist.fisher.backends.base import Backend, StatSink
+from fisherdist.fisher.backends.fused import SinkSet, reduce_scatter_columns
 from fisherdist.fisher.layout import Placement
 
 
 class UnitHookState(DefaultState):
-    """One FSDP unit's comm-hook state: its FlatParameter's targets and where they sit in the flat tensor.
+    """One FSDP unit's comm-hook state: the accumulators it feeds and where their targets sit in its flat tensor.
 
     Inherits DefaultState's pre/post divide factors (pre * post = world) so the gradient is reduced exactly
     as FSDP1's default path does; the statistics are never divided (they are SUMS over ranks).
     """
 
-    def __init__(self, group: dist.ProcessGroup, layout: fi.FlatLayout, fqn_of: dict[int, str],
-                 placement: Placement, sink: StatSink) -> None:
+    def __init__(self, group: dist.ProcessGroup, layout: fi.FlatLayout) -> None:
         super().__init__(group)
-        self.layout, self.placement, self.sink = layout, placement, sink
-        self.targets = [(i, fqn_of[id(p)]) for i, p in enumerate(layout.params) if id(p) in fqn_of]
+        self.layout = layout
+        self.sinks = SinkSet()
+        self.targets: dict[int, list[tuple[int, str]]] = {}  # id(sink) -> (index in the flat param, fqn)
+
+    def add(self, sink: StatSink) -> bool:
+        """Register ``sink`` if this unit holds any of its targets."""
+        fqn_of = {id(p): f for f, p in sink.targets.items()}
+        mine = [(i, fqn_of[id(p)]) for i, p in enumerate(self.layout.params) if id(p) in fqn_of]
+        if mine:
+            self.sinks.add(sink)
+            self.targets[id(sink)] = mine
+        return bool(mine)
+
+
+def _unit_stats(state: UnitHookState, grad: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple[StatSink, str, int]]]:
+    """Every recording sink's statistics of this unit's targets, laid out as columns of their owners."""
+    layout = state.layout
+    blocks: list[torch.Tensor] = []
+    owners: list[tuple[StatSink, str, int]] = []
+    for sink in state.sinks.recording():
+        for i, fqn in state.targets[id(sink)]:
+            off, numel = layout.offsets[i], layout.numels[i]
+            local = grad[off : off + numel].view(layout.shapes[i]) if sink.fuses_grads else None
+            stats = sink.local_stats(fqn, local)
+            if stats is not None:
+                blocks.extend(sink.placement.columns(fqn, s) for s in stats)
+                owners.append((sink, fqn, len(stats)))
+    return blocks, owners
 
 
 def fused_hook(state: UnitHookState, grad: torch.Tensor, output: torch.Tensor) -> None:
-    """``reduce_scatter_hook`` with the unit's target statistics appended as extra columns."""
-    sink, layout = state.sink, state.layout
-    if not (state.targets and sink.recording()):
-        return reduce_scatter_hook(state, grad, output)
-    world = state.world_size
-    stat_flats: list[torch.Tensor] = []
-    owners = []
-    for i, fqn in state.targets:
-        off, numel = layout.offsets[i], layout.numels[i]
-        local = grad[off : off + numel].view(layout.shapes[i]) if sink.fuses_grads else None
-        stats = sink.local_stats(fqn, local)
-        if stats is None:
-            continue
-        if not stat_flats:  # transient, one padded-flat-gradient-sized buffer per statistic (like FSDP's own)
-            stat_flats = [grad.new_zeros(grad.numel()) for _ in stats]
-        for flat, s in zip(stat_flats, stats):
-            flat[off : off + numel] = s.reshape(-1).to(grad.dtype)
-        owners.append((i, fqn))
-    if not owners:
-        return reduce_scatter_hook(state, grad, output)
+    """``reduce_scatter_hook`` with the unit's target statistics appended as extra columns (one extra
+    collective only for statistics whose dtype differs from the gradient's)."""
+    blocks, owners = _unit_stats(state, grad)
+    if not blocks:
+        reduce_scatter_hook(state, grad, output)
+        return
     pre = state.gradient_predivide_factor
-    grad_part = grad / pre if pre > 1 else grad
-    fused = torch.cat([grad_part.view(world, -1)] + [f.view(world, -1) for f in stat_flats], dim=1)
-    out = torch.empty(fused.shape[1], dtype=fused.dtype, device=fused.device)
-    dist.reduce_scatter_single(out, fused.reshape(-1), group=state.process_group)
-    chunk = output.numel()
-    output.copy_(out[:chunk])
+    grad_part = (grad / pre if pre > 1 else grad).view(state.world_size, -1)
+    grad_out, outs, _ = reduce_scatter_columns(grad_part, blocks, state.process_group)
+    assert grad_out is not None
+    output.copy_(grad_out)
     if state.gradient_postdivide_factor > 1:
         output.div_(state.gradient_postdivide_factor)
-    shard_start = state.placement.rank * chunk
-    for i, fqn in owners:
-        start, numel = state.placement.ranges[fqn][state.placement.rank]
-        lo = layout.offsets[i] + start - shard_start  # position inside this rank's chunk
-        state.sink.deliver(fqn, [out[(k + 1) * chunk + lo : (k + 1) * chunk + lo + numel] for k in range(len(stat_flats))])
-    return None
+    k = 0
+    for sink, fqn, n in owners:
+        numel = sink.placement.ranges[fqn][sink.placement.rank][1]
+        sink.deliver(fqn, [outs[k + j][:numel] for j in range(n)])
+        k += n
 
 
 class FSDP1Backend(Backend):
@@ -83,11 +93,11 @@ class FSDP1Backend(Backend):
 
     def __init__(self, model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
         units = fi.units(model)
-        super().__init__(model, group or units[0].process_group)
+        super().__init__(model, group or fi.process_group(units[0]))
         self.units = units
         self._layouts = {id(u): fi.flat_layout(u) for u in units}
         self._placement: Placement | None = None
-        self._installed: list[object] = []
+        self._installed: list[FullyShardedDataParallel] = []
 
     def _find(self, p: nn.Parameter) -> tuple[fi.FlatLayout, int] | None:
         for layout in self._layouts.values():
@@ -115,19 +125,35 @@ class FSDP1Backend(Backend):
         self._placement.validate()
         return self._placement
 
-    def install(self, sink: StatSink) -> None:
-        assert self._placement is not None, "placement() must run before install()"
-        fqn_of = {id(p): f for f, p in sink.targets.items()}
-        for unit in self.units:
-            layout = self._layouts[id(unit)]
-            state = UnitHookState(unit.process_group, layout, fqn_of, self._placement, sink)
-            if state.targets:
-                fi.set_unit_hook(unit, fused_hook, state)
-                self._installed.append(unit)
+    def stats_placement(self, targets: dict[str, nn.Parameter]) -> Placement:
+        """Sample / micro-batch statistics are formed locally and reduced by our own columns, so they need
+        not follow FSDP's flat shard (which puts a parameter subset such as LoRA adapters on one rank):
+        ``ceil(numel/world)`` flat chunks of every target, i.e. at most one chunk per target above even."""
+        shapes = {}
+        for fqn, p in targets.items():
+            found = self._find(p)
+            if found is None:
+                raise FisherdistError(f"fsdp1 backend: target {fqn} is not managed by any FSDP unit")
+            shapes[fqn] = found[0].shapes[found[1]]
+        return Placement.flat_chunks(shapes, self.rank, self.world)
 
-    def remove(self) -> None:
+    def install(self, sink: StatSink) -> None:
+        for unit in self.units:
+            state = fi.unit_hook_state(unit)
+            if not isinstance(state, UnitHookState):
+                state = UnitHookState(fi.process_group(unit), self._layouts[id(unit)])
+                if not state.add(sink):
+                    continue
+                fi.set_unit_hook(unit, fused_hook, state)
+            elif not state.add(sink):
+                continue
+            self._installed.append(unit)
+
+    def remove(self, sink: StatSink) -> None:
         for unit in self._installed:
-            fi.clear_unit_hook(unit)
+            state = fi.unit_hook_state(unit)
+            if isinstance(state, UnitHookState) and state.sinks.discard(sink):
+                fi.clear_unit_hook(unit)
         self._installed.clear()
 
     def reduced_grad(self, fqn: str, param: nn.Parameter) -> torch.Tensor | None:

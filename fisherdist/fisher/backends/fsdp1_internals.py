@@ -12,7 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp._flat_param import FlatParameter
 
 from fisherdist.errors import FisherdistError
 
@@ -70,13 +73,11 @@ class FlatLayout:
         return (info.intra_param_start_idx, info.numel_in_shard)  # type: ignore[attr-defined]
 
 
-def units(model: nn.Module) -> list[nn.Module]:
+def units(model: nn.Module) -> list[FullyShardedDataParallel]:
     """Every FSDP1 unit that owns a FlatParameter (root included), checked against the guarded names."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
     if not isinstance(model, FullyShardedDataParallel):
         raise FisherdistError(f"fsdp1 backend: expected a FullyShardedDataParallel root, got {type(model).__name__}")
-    out = []
+    out: list[FullyShardedDataParallel] = []
     for module in model.modules():
         if isinstance(module, FullyShardedDataParallel):
             check(module)
@@ -87,8 +88,9 @@ def units(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def flat_layout(unit: nn.Module) -> FlatLayout:
-    flat = unit._handle.flat_param
+def flat_layout(unit: FullyShardedDataParallel) -> FlatLayout:
+    assert unit._handle is not None
+    flat: FlatParameter = unit._handle.flat_param
     offsets, numels, pos = [], [], 0
     for n, is_pad in zip(flat._numels_with_padding, flat._is_padding_mask):
         if not is_pad:
@@ -97,12 +99,23 @@ def flat_layout(unit: nn.Module) -> FlatLayout:
         pos += n
     shapes = [tuple(s) for s in flat._shapes]
     assert [math.prod(s) for s in shapes] == numels, "FSDP1 FlatParameter layout changed"
-    world = unit.world_size
+    world: int = unit.world_size
     padded = math.ceil(pos / world) * world  # FSDP shards with torch.chunk: equal ceil(total/world) chunks
-    return FlatLayout(list(flat._params), shapes, numels, offsets, padded, list(flat._shard_param_infos))
+    return FlatLayout(list(flat._params or []), shapes, numels, offsets, padded, list(flat._shard_param_infos))
 
 
-def set_unit_hook(unit: nn.Module, hook: Callable[..., None], state: object) -> None:
+def process_group(unit: FullyShardedDataParallel) -> dist.ProcessGroup:
+    group = unit.process_group
+    assert group is not None, "an FSDP1 unit always has a process group"
+    return group
+
+
+def unit_hook_state(unit: FullyShardedDataParallel) -> object:
+    """The state of the hook installed on ``unit`` by :func:`set_unit_hook` (None without one)."""
+    return unit._comm_hook_state
+
+
+def set_unit_hook(unit: FullyShardedDataParallel, hook: Callable[..., None], state: object) -> None:
     """Install a comm hook on ONE unit (the public ``register_comm_hook`` sets the same hook and state on
     every unit of the tree, so it cannot tell FlatParameters apart)."""
     if unit._comm_hook is not None:
@@ -110,5 +123,5 @@ def set_unit_hook(unit: nn.Module, hook: Callable[..., None], state: object) -> 
     unit._comm_hook, unit._comm_hook_state = hook, state
 
 
-def clear_unit_hook(unit: nn.Module) -> None:
+def clear_unit_hook(unit: FullyShardedDataParallel) -> None:
     unit._comm_hook, unit._comm_hook_state = None, None

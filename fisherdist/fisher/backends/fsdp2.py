@@ -19,21 +19,27 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter, _get_gradient_divide_factors
+from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+from torch.distributed.tensor import DTensor
 
 from fisherdist.errors import FisherdistError
 from fisherdist.fisher.backends.base import Backend, StatSink
+from fisherdist.fisher.backends.fused import SinkSet, reduce_scatter_columns
 from fisherdist.fisher.comm import dim0_chunk_layout
 from fisherdist.fisher.layout import Placement
 from fisherdist.fisher.targets import param_shape
 
+_COMM = "_fisherdist_reduce_scatter"  # our FusedStatsReduceScatter on an FSDPModule
 
-def _divide_factors(param_group: object, group: dist.ProcessGroup, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+
+def _divide_factors(param_group: FSDPParamGroup, group: dist.ProcessGroup, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
     """``(pre, sum_scale)``: FSDP divided its input by ``pre`` (fp16/fp64 overflow guard) and the collective
     scales a sum by ``1/sum_scale`` (AVG, PREMUL_SUM). Statistics undo both, so they stay plain sums."""
     pre, _post, op, _ = _get_gradient_divide_factors(
         group, None, dtype, device.type,
-        param_group.gradient_divide_factor,  # type: ignore[attr-defined]
-        param_group.force_sum_reduction_for_comms,  # type: ignore[attr-defined]
+        param_group.gradient_divide_factor,
+        param_group.force_sum_reduction_for_comms,
     )
     world = group.size()
     if op == dist.ReduceOp.AVG:
@@ -41,20 +47,27 @@ def _divide_factors(param_group: object, group: dist.ProcessGroup, dtype: torch.
     elif op == dist.ReduceOp.SUM:
         scale = 1.0
     else:  # PREMUL_SUM(1 / gradient_divide_factor)
-        scale = float(param_group.gradient_divide_factor)  # type: ignore[attr-defined]
+        scale = float(param_group.gradient_divide_factor or world)
     return float(pre or 1.0), scale
 
 
 class FusedStatsReduceScatter(DefaultReduceScatter):
-    """One FSDP2 parameter group's reduce-scatter, carrying [gradients | statistics]."""
+    """One FSDP2 parameter group's reduce-scatter, carrying [gradients | statistics of every accumulator]."""
 
-    def __init__(self, param_group: object, fqn_of: dict[int, str], placement: Placement, sink: StatSink) -> None:
+    def __init__(self, param_group: FSDPParamGroup) -> None:
         self.group_state = param_group
-        self.fsdp_params = list(param_group.fsdp_params)  # type: ignore[attr-defined]
-        self.fqn_of = fqn_of
-        self.placement = placement
-        self.sink = sink
-        self.targets = [fp for fp in self.fsdp_params if id(fp.sharded_param) in fqn_of]
+        self.fsdp_params = list(param_group.fsdp_params)
+        self.sinks = SinkSet()
+        self.targets: dict[int, list[tuple[FSDPParam, str]]] = {}  # id(sink) -> its targets in this group
+
+    def add(self, sink: StatSink) -> bool:
+        """Register ``sink`` if this group holds any of its targets."""
+        fqn_of = {id(p): f for f, p in sink.targets.items()}
+        mine = [(fp, fqn_of[id(fp.sharded_param)]) for fp in self.fsdp_params if id(fp.sharded_param) in fqn_of]
+        if mine:
+            self.sinks.add(sink)
+            self.targets[id(sink)] = mine
+        return bool(mine)
 
     def _grad_columns(self, input_2d: torch.Tensor) -> dict[int, torch.Tensor]:
         """Each gradient-carrying param's ``(world, chunk)`` column block inside FSDP's input."""
@@ -72,38 +85,40 @@ class FusedStatsReduceScatter(DefaultReduceScatter):
             pos += n
         return cols
 
-    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):  # type: ignore[override]
-        if not (self.targets and self.sink.recording()):
-            return super().__call__(output_tensor, input_tensor, group, op, async_op)
+    def _stats(self, input_2d: torch.Tensor, pre: float) -> tuple[list[torch.Tensor], list[tuple[StatSink, str, int]]]:
+        """Every recording sink's statistics of this group's targets in the dim-0 chunk layout."""
+        world = input_2d.shape[0]
+        blocks, owners = [], []
+        grad_cols: dict[int, torch.Tensor] | None = None
+        for sink in self.sinks.recording():
+            if sink.fuses_grads and grad_cols is None:
+                grad_cols = self._grad_columns(input_2d)
+            for fp, fqn in self.targets[id(sink)]:
+                col = grad_cols.get(id(fp)) if sink.fuses_grads and grad_cols is not None else None
+                stats = sink.local_stats(fqn, None if col is None else col * pre)  # predivide undone
+                if stats is None:
+                    continue
+                blocks += [t if col is not None else dim0_chunk_layout(t, world) for t in stats]
+                owners.append((sink, fqn, len(stats)))
+        return blocks, owners
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,  # type: ignore[override]
+                 op: dist.ReduceOp.RedOpType, async_op: bool = False) -> dist.Work | None:
+        """FSDP2 ignores the result; the fused path is synchronous and returns None."""
         world = group.size()
         pre, scale = _divide_factors(self.group_state, group, input_tensor.dtype, input_tensor.device)
         input_2d = input_tensor.view(world, -1)
-        grad_cols = self._grad_columns(input_2d) if self.sink.fuses_grads else {}
-        blocks, owners = [], []
-        for fp in self.targets:
-            fqn = self.fqn_of[id(fp.sharded_param)]
-            col = grad_cols.get(id(fp))
-            local = None if col is None else col * pre  # FSDP's (world, chunk) layout, predivide undone
-            stats = self.sink.local_stats(fqn, local)
-            if stats is None:
-                continue
-            laid = [t if t.dim() == 2 and t.shape[0] == world and col is not None else dim0_chunk_layout(t, world) for t in stats]
-            blocks.extend(laid)
-            owners.append((fqn, [b.shape[1] for b in laid]))
+        blocks, owners = self._stats(input_2d, pre)
         if not blocks:
             return super().__call__(output_tensor, input_tensor, group, op, async_op)
-        fused = torch.cat([input_2d] + [b.to(input_tensor.dtype) for b in blocks], dim=1)
-        out = torch.empty(fused.shape[1], dtype=fused.dtype, device=fused.device)
-        dist.reduce_scatter_single(out, fused.reshape(-1), group=group, op=op)
-        output_tensor.copy_(out[: input_2d.shape[1]])
-        pos = input_2d.shape[1]
-        for fqn, widths in owners:
-            numel = self.placement.ranges[fqn][self.placement.rank][1]
-            frags = []
-            for w in widths:
-                frags.append(out[pos : pos + numel] * scale)
-                pos += w
-            self.sink.deliver(fqn, frags)
+        grad_out, outs, fused = reduce_scatter_columns(input_2d, blocks, group, op)
+        assert grad_out is not None
+        output_tensor.copy_(grad_out)
+        k = 0
+        for sink, fqn, n in owners:
+            numel = sink.placement.ranges[fqn][sink.placement.rank][1]
+            sink.deliver(fqn, [outs[k + j][:numel] * (scale if fused[k + j] else 1.0) for j in range(n)])
+            k += n
         return None
 
 
@@ -125,22 +140,35 @@ class FSDP2Backend(Backend):
         return self._placement
 
     def install(self, sink: StatSink) -> None:
-        assert self._placement is not None, "placement() must run before install()"
-        fqn_of = {id(p): f for f, p in sink.targets.items()}
+        """One ``FusedStatsReduceScatter`` per FSDP module (the last ``set_custom_reduce_scatter`` wins), shared
+        by every accumulator on the model."""
         for module in self.model.modules():
             if not isinstance(module, FSDPModule):
                 continue
             groups = module._get_fsdp_state()._fsdp_param_groups
             if len(groups) > 1:
                 raise FisherdistError("fsdp2 backend: modules with several parameter groups (per-parameter meshes) are not supported")
-            if groups and any(id(fp.sharded_param) in fqn_of for fp in groups[0].fsdp_params):
-                module.set_custom_reduce_scatter(FusedStatsReduceScatter(groups[0], fqn_of, self._placement, sink))
-                self._installed.append(module)
+            if not groups:
+                continue
+            comm = getattr(module, _COMM, None)
+            if comm is None:
+                comm = FusedStatsReduceScatter(groups[0])
+                if not comm.add(sink):
+                    continue
+                module.set_custom_reduce_scatter(comm)
+                setattr(module, _COMM, comm)
+            elif not comm.add(sink):
+                continue
+            self._installed.append(module)
 
-    def remove(self) -> None:
+    def remove(self, sink: StatSink) -> None:
         for module in self._installed:
-            module.set_custom_reduce_scatter(DefaultReduceScatter())
+            comm = getattr(module, _COMM, None)
+            if isinstance(comm, FusedStatsReduceScatter) and comm.sinks.discard(sink):
+                module.set_custom_reduce_scatter(DefaultReduceScatter())
+                delattr(module, _COMM)
         self._installed.clear()
 
     def reduced_grad(self, fqn: str, param: nn.Parameter) -> torch.Tensor | None:
-        return None if param.grad is None else param.grad.to_local().reshape(-1)
+        grad = param.grad
+        return None if grad is None else (grad.to_local() if isinstance(grad, DTensor) else grad).reshape(-1)
