@@ -65,6 +65,7 @@ def test_deepspeed_private_signatures_and_version_guard(monkeypatch):
     assert {"lp_fragment_address", "gradient_dict", "param_group_index"} <= set(tensor_fragment.tensor_fragment.__dataclass_fields__)
     assert set(tensor_fragment.fragment_address.__dataclass_fields__) == {"numel", "start"}
     assert _params(safe_get_local_grad) == ["param"]
+    assert callable(torch.autograd.Variable._execution_engine.queue_callback)  # zi.at_backward_end
     engine = types.SimpleNamespace(zero_optimization_stage=lambda: 2)
     zi.check(engine)  # the installed version is inside the tested range
     monkeypatch.setattr(deepspeed, "__version__", "0.21.0")
@@ -142,8 +143,21 @@ def _zero(rank: int, world: int) -> dict:
         engine = w.module
         zi.check(engine)
         assert isinstance(zi.dp_group(engine), dist.ProcessGroup)
-        engine.backward(engine(torch.randn(4, 8)).sum())
         params = list(w.unwrapped.parameters())
+        fired: list[int] = []
+        ended: list[int] = []
+
+        def on_grad(p: torch.Tensor, fired: list[int] = fired, ended: list[int] = ended) -> None:
+            """What the streaming hook relies on: every parameter fires, then the end-of-backward callback."""
+            fired.append(id(p))
+            if len(fired) == 1:
+                zi.at_backward_end(lambda: ended.append(len(fired)))
+
+        handles = [p.register_post_accumulate_grad_hook(on_grad) for p in params]
+        engine.backward(engine(torch.randn(4, 8)).sum())
+        for h in handles:
+            h.remove()
+        out[f"hooks{stage}"] = sorted(fired) == sorted(id(p) for p in params) and ended == [len(params)]
         if stage < 3:
             addrs = [zi.fragment_address(p) for p in params]
             frags = [zi.lp_grad_fragment(p) for p in params]
@@ -170,4 +184,4 @@ def test_private_internals_on_live_instances():
         assert f1["ok_calls"] and f1["ok_ranges"] and f1["ok_views"], f1
         assert f1["shapes"] == sorted([(16, 8), (16,), (5, 16), (5,)])
         assert all(r["fsdp2"].values()), r["fsdp2"]
-        assert r["zero"] == {1: True, 2: True, 3: True}
+        assert r["zero"] == {1: True, 2: True, 3: True, "hooks1": True, "hooks2": True, "hooks3": True}

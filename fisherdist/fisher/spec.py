@@ -43,6 +43,8 @@ class FisherSpec(Section):
     seed: int = 0
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="fail when more samples than this had NaN/inf")
     dtype: Literal["float32", "float64"] = "float32"
+    bucket_mb: float = Field(25.0, gt=0, description="ZeRO: MiB of statistics per streamed reduce-scatter bucket "
+                             "(peak per rank = owned share + one bucket)")
     decay: float | None = Field(None, gt=0.0, lt=1.0, description="online (EMA) Fisher: sums and counts are "
                                 "multiplied by this at every optimizer step before the step's statistics are added")
     kfac_factors: Literal["both", "output"] = Field("both", description="K-FAC: both factors, or only the "

@@ -3,13 +3,15 @@
 DeepSpeed has no reduction hook and no public accessor for the ZeRO-1/2 gradient partition, so this
 module reads ``param._hp_mapping`` (``tensor_fragment``: ``lp_fragment_address``, ``get_lp_grad_fragment``)
 and ``param._index_in_param_group``, and checks ZeRO-3's ``ds_tensor.ds_numel`` against the flat-chunk
-layout we assume. :func:`check` fails with a message naming the DeepSpeed version outside the tested
+layout we assume. It also holds :func:`at_backward_end`, torch's private end-of-backward callback queue.
+:func:`check` fails with a message naming the DeepSpeed version outside the tested
 range; ``tests/test_contracts.py`` asserts each name.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -44,7 +46,8 @@ def check(engine: object) -> None:
 
 def dp_group(engine: object) -> dist.ProcessGroup | None:
     """The data-parallel group ZeRO partitions over (gradients and our statistics share it)."""
-    return engine.optimizer.dp_process_group  # type: ignore[attr-defined]
+    group: dist.ProcessGroup | None = engine.optimizer.dp_process_group  # type: ignore[attr-defined]
+    return group
 
 
 def fragment_address(p: nn.Parameter) -> tuple[int, int] | None:
@@ -61,7 +64,7 @@ def lp_grad_fragment(p: nn.Parameter) -> torch.Tensor | None:
     mapping = getattr(p, "_hp_mapping", None)
     if mapping is None:
         return None
-    frag = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+    frag: torch.Tensor = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)  # type: ignore[attr-defined]
     start, numel = int(mapping.lp_fragment_address.start), int(mapping.lp_fragment_address.numel)
     if frag.numel() == p.numel() != numel:  # bf16 optimizer keeps a whole-parameter buffer (cf. get_full_hp_grad)
         frag = frag.narrow(0, start, numel)
@@ -74,3 +77,9 @@ def check_zero3_chunks(fqn: str, p: nn.Parameter, world: int) -> None:
     got = p.ds_tensor.ds_numel  # type: ignore[attr-defined]
     if got != want:
         raise FisherdistError(f"zero3 backend: {fqn} is partitioned into {got}-element chunks, expected {want}")
+
+
+def at_backward_end(fn: Callable[[], None]) -> None:
+    """Run ``fn`` when the running backward pass has finished (autograd's engine callback queue, the hook
+    DDP and FSDP use for the same purpose; not a DeepSpeed internal, but private to torch)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
