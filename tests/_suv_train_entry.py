@@ -5,7 +5,8 @@
 The model, Fisher barrier, pairs and settings of ``tests/test_suv_train.py`` (7 pairs: a ragged last step;
 projection and an adaptive lambda, so hook state is checkpointed). Checkpoints go to ``DIR/ckpt``.
 ``--signal-at S`` makes rank 0 send itself SIGTERM during step S (one rank only, on purpose) and write the
-time to ``DIR/signalled``. At the end rank 0 writes ``DIR/result.pt`` (per-step log and adapter weights).
+time to ``DIR/signalled``;
+with either option each rank writes its last finished step to ``DIR/done-rank<r>``. At the end rank 0 writes ``DIR/result.pt`` (per-step log and adapter weights).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class SignalAt:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def after_step(self, batch: Any, row: dict) -> None:
-        return None
+        (self.out / f"done-rank{os.environ.get('RANK', '0')}").write_text(str(batch.step))
 
 
 def train(backend: str, out: Path | None, signal_at: int = -1, sleep: float = 0.0, **overrides: Any) -> dict:

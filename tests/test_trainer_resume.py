@@ -39,15 +39,19 @@ def _run(nproc: int, out: Path, backend: str, *args: str) -> subprocess.Complete
                           timeout=240, check=False)
 
 
-@pytest.fixture(scope="module")
-def reference() -> dict:
-    """The uninterrupted run in this process: one rank, the 2-rank runs' global batches (4 pairs, 2 retain)."""
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The uninterrupted run: one plain rank, the 2-rank runs' global batches (4 pairs, 2 retain texts);
+    computed once per session (a file, so every module importing the fixture shares it)."""
     from tests._suv_train_entry import train
 
-    return train("none", None, batch_size=4, retain_batch_size=2)
+    cached = tmp_path_factory.getbasetemp() / "suv-train-reference.pt"
+    if not cached.is_file():
+        torch.save(train("none", None, batch_size=4, retain_batch_size=2), cached)
+    return torch.load(cached, weights_only=False)
 
 
-def _assert_matches(result: dict, ref: dict, rtol: float, atol: float) -> None:
+def assert_matches(result: dict, ref: dict, rtol: float, atol: float) -> None:
     steps = [row["step"] for row in result["history"]]
     assert steps == list(range(1, len(ref["history"]) + 1))
     assert [row["records"] for row in result["history"]] == [row["records"] for row in ref["history"]]
@@ -94,15 +98,15 @@ def _resume(out: Path, nproc: int, backend: str) -> dict:
 def test_fsdp2_sigterm_then_resume_on_two_and_on_one_rank(tmp_path: Path, reference: dict) -> None:
     _preempt(tmp_path / "a", "fsdp2")
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    _assert_matches(_resume(tmp_path / "a", 2, "fsdp2"), reference, rtol=1e-8, atol=1e-10)
-    _assert_matches(_resume(tmp_path / "b", 1, "none"), reference, rtol=1e-8, atol=1e-10)  # FSDP2 -> 1 plain rank
+    assert_matches(_resume(tmp_path / "a", 2, "fsdp2"), reference, rtol=1e-8, atol=1e-10)
+    assert_matches(_resume(tmp_path / "b", 1, "none"), reference, rtol=1e-8, atol=1e-10)  # FSDP2 -> 1 plain rank
 
 
 @pytest.mark.timeout(600)
 def test_zero3_sigterm_then_resume(tmp_path: Path, reference: dict) -> None:
     _preempt(tmp_path, "zero3")
     # ZeRO-3 trains a float32 model with float32 masters: float32 round-off from the float64 reference
-    _assert_matches(_resume(tmp_path, 2, "zero3"), reference, rtol=1e-5, atol=1e-7)
+    assert_matches(_resume(tmp_path, 2, "zero3"), reference, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.timeout(600)
@@ -128,4 +132,4 @@ def test_sigkilled_rank_leaves_previous_checkpoint_loadable(tmp_path: Path, refe
     second = _run(1, tmp_path, "none")
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.startswith(f"train: resumed from step {step} of 6")
-    _assert_matches(torch.load(tmp_path / "result.pt", weights_only=False), reference, rtol=1e-8, atol=1e-10)
+    assert_matches(torch.load(tmp_path / "result.pt", weights_only=False), reference, rtol=1e-8, atol=1e-10)

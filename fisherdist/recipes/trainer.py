@@ -215,7 +215,8 @@ class Trainer:
             return False, False
         minutes = self.cfg.checkpoint_minutes
         timed = is_main() and minutes is not None and time.monotonic() - last_save >= 60 * minutes
-        flags = all_reduce_sum(torch.tensor([float(pre.requested), float(timed)], dtype=torch.float64))
+        device = next(p for _, p in self.w.named_trainable()).device  # NCCL reduces CUDA tensors only
+        flags = all_reduce_sum(torch.tensor([float(pre.requested), float(timed)], dtype=torch.float64, device=device))
         every = self.cfg.checkpoint_every
         return bool(flags[0] > 0), bool(flags[1] > 0) or bool(every and step % every == 0)
 
