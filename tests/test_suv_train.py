@@ -6,7 +6,6 @@ import torch
 
 from fisherdist.fisher.layout import Placement
 from fisherdist.methods.suv.config import TrainSettings
-from fisherdist.methods.suv.export import gather_trainable
 from fisherdist.methods.suv.train import PairTokens, SuvTrainer
 from tests.distributed import run_distributed
 from tests.fisher_oracle import model_dtype
@@ -36,7 +35,7 @@ def train_once(backend, rank, world, batch_size, **overrides):
     barrier = barrier_for(w.unwrapped, fishers, placement)
     cfg = TrainSettings(batch_size=batch_size, retain_batch_size=2 // world, **settings)
     history = SuvTrainer(w, pairs, retain, cfg, pad_id=0, barrier=barrier).run(progress=False)
-    return history, gather_trainable(w)
+    return history, w.gather_trainable()
 
 
 def _fsdp2(rank, world):
@@ -70,10 +69,10 @@ def _fisher_pass_on_training_engine(rank, world):
     for stage in ("zero2", "zero3"):
         model = tiny_peft(dtype=torch.float32)  # DeepSpeed keeps float32 masters: a float64 model would round
         w = wrap_model(model, stage, optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1))
-        before = gather_trainable(w)
+        before = w.gather_trainable()
         tokens = [list(range(3, 9 + i)) for i in range(6)]
         run_pass(w, tokens, FisherSettings(batch_size=2), LoraSettings(r=4, alpha=8, dropout=0.0), 0, progress=False).close()
-        out[stage] = (before, gather_trainable(w), [g["lr"] for g in w.optimizer.param_groups],
+        out[stage] = (before, w.gather_trainable(), [g["lr"] for g in w.optimizer.param_groups],
                       len(w.optimizer.optimizer.state))
     return out
 

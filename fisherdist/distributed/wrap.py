@@ -13,6 +13,8 @@ from typing import Any, Protocol, cast
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fisherdist.errors import FisherdistError
 
@@ -35,6 +37,7 @@ class ZeroEngine(Protocol):
     def zero_optimization_stage(self) -> int: ...
     def is_gradient_accumulation_boundary(self) -> bool: ...
     def gradient_accumulation_steps(self) -> int: ...
+    def gradient_clipping(self) -> float: ...
 
 
 @dataclass
@@ -94,6 +97,103 @@ class Wrapped:
             clear_zero_grads(self.engine)
         else:  # DDP / FSDP1 / FSDP2 keep nothing beyond param.grad once backward has returned
             self.module.zero_grad(set_to_none=True)
+
+    # ---- backend operations a training method needs (no backend-name checks in methods) ------------
+    @property
+    def engine_owns_grads(self) -> bool:
+        """DeepSpeed keeps reduced gradients in its own buffers, not in ``param.grad``."""
+        return self.backend.startswith("zero")
+
+    @property
+    def params_gathered_in_forward(self) -> bool:
+        """ZeRO-3: full parameters exist only inside the forward, so extra terms go in as gradients."""
+        return self.backend == "zero3"
+
+    def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
+        """Trainable parameters under their unwrapped (FQN) names."""
+        return [(n, p) for n, p in self.unwrapped.named_parameters() if p.requires_grad]
+
+    def clip_grad_norm(self, max_norm: float) -> None:
+        """Clip the global gradient norm. ZeRO clips inside ``engine.step`` with its config's
+        ``gradient_clipping``, which must then say the same (a silent mismatch would train differently)."""
+        if not self.engine_owns_grads:
+            torch.nn.utils.clip_grad_norm_([p for _, p in self.named_trainable()], max_norm)
+            return
+        configured = float(self.engine.gradient_clipping() or 0.0)
+        if configured != max_norm:
+            raise FisherdistError(f"max_grad_norm={max_norm} but the DeepSpeed config has gradient_clipping={configured}; "
+                                  "set deepspeed.gradient_clipping to the same value")
+
+    def get_full_grad(self, param: torch.Tensor) -> torch.Tensor:
+        """The whole reduced gradient of ``param`` (DeepSpeed: assembled from its partitions)."""
+        if self.engine_owns_grads:
+            from fisherdist.distributed.wrap_deepspeed import full_grad
+
+            return full_grad(param)
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        return grad.full_tensor() if isinstance(grad, DTensor) else grad
+
+    def add_full_grad(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add a full-size ``grad`` to ``param``'s reduced gradient (after ``backward``, before ``step``):
+        the path for terms computed outside the forward, e.g. under ZeRO-3."""
+        if self.engine_owns_grads:
+            from fisherdist.distributed.wrap_deepspeed import add_full_grad
+
+            add_full_grad(param, grad)
+            return
+        local = grad.to(param.dtype).view(param.shape)
+        if isinstance(param, DTensor):
+            # every rank holds the same full value: cut its own shard, no communication
+            local = distribute_tensor(local, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            current = param.grad.to_local() if isinstance(param.grad, DTensor) else None
+        else:
+            current = param.grad
+        if current is None:
+            param.grad = DTensor.from_local(local, param.device_mesh, param.placements) if isinstance(param, DTensor) else local.clone()
+        else:
+            current.add_(local)
+
+    def gather_trainable(self) -> dict[str, torch.Tensor]:
+        """Full CPU copies of every trainable tensor, keyed by its unwrapped name (collective on all ranks)."""
+        if self.params_gathered_in_forward:
+            from fisherdist.distributed.wrap_deepspeed import gather_full
+
+            return gather_full(self.named_trainable())
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone() for n, p in self.named_trainable()}
+
+    def trainable_state_dict(self) -> dict[str, Any]:
+        """``{"model": {fqn: tensor}, "optim": {"state.<fqn>.<key>": tensor}}`` of the trainable parameters
+        only (frozen weights come back from the model directory): DTensor shards under FSDP2, full
+        replicated tensors under ZeRO (LoRA-sized), the same names on every backend, so a checkpoint
+        written under one backend and world size loads under another."""
+        if self.engine_owns_grads:
+            from fisherdist.distributed.wrap_deepspeed import zero_state_dict
+
+            return zero_state_dict(self.engine.optimizer, self.named_trainable())
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.unwrapped, self._optimizers(), options=_TRAINABLE)
+        return {"model": model_sd, "optim": {k: v for k, v in optim_sd.items() if k.startswith("state.")}}
+
+    def load_trainable_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`trainable_state_dict` (optimizer state is created first if no step ran yet)."""
+        if self.engine_owns_grads:
+            from fisherdist.distributed.wrap_deepspeed import load_zero_state_dict
+
+            load_zero_state_dict(self.engine.optimizer, self.named_trainable(), state)
+            return
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        _, optim_sd = get_state_dict(self.unwrapped, self._optimizers(), options=_TRAINABLE)  # keeps param_groups
+        optim_sd.update(state.get("optim", {}))
+        set_state_dict(self.unwrapped, self._optimizers(), model_state_dict=state["model"], optim_state_dict=optim_sd,
+                       options=_TRAINABLE)
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer] if self.optimizer is not None else []
+
+
+_TRAINABLE = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, strict=False)
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -150,3 +150,100 @@ def grad_epoch(engine: ZeroEngine) -> tuple[int, int]:
     """Changes whenever the engine's gradients are cleared (an optimizer step or :func:`clear_zero_grads`):
     a reader of the reduced gradient uses it to refuse reading the same accumulation twice."""
     return int(engine.global_steps), _clears.get(engine, 0)
+
+# ---- Wrapped's backend operations under ZeRO (DeepSpeed's public fragment accessors) ------------------
+def full_grad(param: torch.Tensor) -> torch.Tensor:
+    """The whole reduced gradient of ``param``, assembled from DeepSpeed's partitions (collective)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    grad: torch.Tensor = safe_get_full_grad(param)
+    return grad
+
+
+def add_full_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """DeepSpeed's (partitioned, already averaged) gradient of ``param`` += ``grad`` (full size)."""
+    from deepspeed.utils import safe_set_full_grad
+
+    current = full_grad(param)
+    safe_set_full_grad(param, current + grad.to(current.dtype).view_as(current))
+
+
+def gather_full(named: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """Full CPU copies of ZeRO-3 partitioned parameters (collective)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for _, p in named]):
+        return {n: p.detach().cpu().clone() for n, p in named}
+
+
+def _flat_partitions(zero_opt: Any) -> list[torch.Tensor]:
+    """The fp32 flat partitions DeepSpeed's inner optimizer steps (ZeRO-1/2 and ZeRO-3 name them differently)."""
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        if hasattr(zero_opt, attr):
+            return list(getattr(zero_opt, attr))
+    raise FisherdistError(f"DeepSpeed {type(zero_opt).__name__}: no fp32 partitions found; this DeepSpeed version is "
+                          "not supported for training checkpoints (tested: 0.19)")
+
+
+def _ensure_optimizer_state(zero_opt: Any) -> list[torch.Tensor]:
+    """Create the inner optimizer's state the way its first step would (a zero-gradient, lr-0 step on a
+    same-class optimizer), so checkpoint values can be written into it before training has stepped."""
+    inner = zero_opt.optimizer
+    flats = _flat_partitions(zero_opt)
+    hyper = {k: v for k, v in inner.param_groups[0].items() if k != "params"} if inner.param_groups else dict(inner.defaults)
+    for flat in flats:
+        if inner.state.get(flat):
+            continue
+        flat.grad = torch.zeros_like(flat)
+        probe = type(inner)([flat], **{**hyper, "lr": 0.0})
+        probe.step()
+        inner.state[flat] = probe.state[flat]
+        flat.grad = None
+    link = getattr(zero_opt, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO-1/2 map fragments after step 1
+    if link is not None:
+        zero_opt._hp_optimizer_states_linked = False
+        link()
+    return flats
+
+
+def _state_keys(zero_opt: Any, flats: list[torch.Tensor]) -> list[str]:
+    state = zero_opt.optimizer.state[flats[0]]
+    return sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flats[0].shape)
+
+
+def zero_state_dict(zero_opt: Any, named: list[tuple[str, nn.Parameter]]) -> dict[str, Any]:
+    """Trainable fp32 weights and optimizer state as full, FQN-keyed tensors (identical on every rank)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    flats = _ensure_optimizer_state(zero_opt)
+    step = zero_opt.optimizer.state[flats[0]].get("step")
+    optim: dict[str, Any] = {}
+    for name, p in named:
+        for key in _state_keys(zero_opt, flats):
+            optim[f"state.{name}.{key}"] = safe_get_full_optimizer_state(p, key).detach().clone()
+        if step is not None:
+            optim[f"state.{name}.step"] = torch.as_tensor(step).detach().clone()
+    return {"model": {n: safe_get_full_fp32_param(p).detach().clone() for n, p in named}, "optim": optim}
+
+
+def load_zero_state_dict(zero_opt: Any, named: list[tuple[str, nn.Parameter]], state: dict[str, Any]) -> None:
+    """Write :func:`zero_state_dict`'s values back: the fp32 masters, the working (low-precision) weights,
+    the optimizer state and its step count."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    flats = _ensure_optimizer_state(zero_opt)
+    model, optim = state["model"], state.get("optim", {})
+    for name, p in named:
+        safe_set_full_fp32_param(p, model[name].float())
+        for key in _state_keys(zero_opt, flats):
+            if f"state.{name}.{key}" in optim:
+                safe_set_full_optimizer_state(p, optim[f"state.{name}.{key}"].float(), key)
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0), torch.no_grad():
+        for name, p in named:  # ZeRO-3: whole inside the context, re-partitioned from rank 0 on exit
+            p.copy_(model[name].to(p.dtype).view_as(p))
+    steps = [v for k, v in optim.items() if k.endswith(".step")]
+    for flat in flats:
+        if steps and "step" in zero_opt.optimizer.state[flat]:
+            current = zero_opt.optimizer.state[flat]["step"]
+            zero_opt.optimizer.state[flat]["step"] = torch.as_tensor(steps[0]).to(current) if torch.is_tensor(current) else int(steps[0])

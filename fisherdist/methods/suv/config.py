@@ -12,6 +12,7 @@ from fisherdist.eval.utility import UtilitySettings
 from fisherdist.methods.suv.mine import MineSettings
 from fisherdist.methods.suv.prefs import PrefsSettings
 from fisherdist.models.peft_utils import LoraSettings
+from fisherdist.recipes.train_config import OptimSettings
 
 
 class SuvData(Section):
@@ -38,24 +39,17 @@ class FisherSettings(Section):
     chunk_rows: int = Field(1024, gt=0, description="rows of BA formed at once by the log barrier")
 
 
-class TrainSettings(Section):
-    """DPO + lambda * R_Fisher on the LoRA factors, optionally with retain-gradient projection."""
+class TrainSettings(OptimSettings):
+    """DPO + lambda * R_Fisher on the LoRA factors, optionally with retain-gradient projection (the general
+    optimisation, batch and checkpoint keys come from :class:`~fisherdist.recipes.train_config.OptimSettings`)."""
 
     beta: float = Field(0.1, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: int = Field(2, gt=0)
-    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
-    batch_size: int = Field(2, gt=0, description="preference pairs per rank per step")
     max_length: int = Field(512, gt=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
     lam: float = Field(0.1, ge=0, description="lambda_F of the Fisher regulariser")
     lambda_schedule: Literal["constant", "adaptive"] = "constant"
     projection: bool = False
     ema_alpha: float = Field(0.9, gt=0, lt=1)
     retain_batch_size: int = Field(2, gt=0, description="retain texts per rank per step (projection)")
-    seed: int = 0
-    log_every: int = Field(1, gt=0)
 
     @model_validator(mode="after")
     def _sane(self) -> TrainSettings:

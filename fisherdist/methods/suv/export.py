@@ -19,14 +19,9 @@ from fisherdist.models.peft_utils import LoraSettings, apply_lora
 
 
 def gather_trainable(wrapped: Any) -> dict[str, torch.Tensor]:
-    """Full CPU copies of every trainable tensor, keyed by its unwrapped name (collective on all ranks)."""
-    params = [(n, p) for n, p in wrapped.unwrapped.named_parameters() if p.requires_grad]
-    if wrapped.backend == "zero3":
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p for _, p in params]):
-            return {n: p.detach().cpu().clone() for n, p in params}
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone() for n, p in params}
+    """Full CPU copies of every trainable tensor (now :meth:`Wrapped.gather_trainable`; kept for callers)."""
+    tensors: dict[str, torch.Tensor] = wrapped.gather_trainable()
+    return tensors
 
 
 def copy_tokenizer(src: str | Path, dst: Path) -> None:

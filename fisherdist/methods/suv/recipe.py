@@ -93,7 +93,8 @@ class SuvRecipe:
                           self.tokenizer, t.max_length) if t.projection else []
         pairs = self.pairs()
         self.log(f"[bold]train[/]: {len(pairs)} preference pairs, backend {self.cfg.dist.backend} x {self.world}")
-        history = SuvTrainer(w, pairs, retain, t, self.pad_id, self.barrier if self.cfg.fisher.enabled else None).run()
+        history = SuvTrainer(w, pairs, retain, t, self.pad_id, self.barrier if self.cfg.fisher.enabled else None,
+                             checkpoint_dir=self.out / "checkpoints" / "train").run()
         tensors = gather_trainable(w)
         models = self.out / "models"
         if self.rank == 0:

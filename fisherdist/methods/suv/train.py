@@ -1,27 +1,30 @@
-"""SUV stage 4: train the LoRA adapter with DPO + lambda * R_Fisher, optionally projecting the gradient.
+"""SUV stage 4: train the LoRA adapter with DPO + lambda * R_Fisher, optionally projecting the gradient,
+on the shared :class:`~fisherdist.recipes.trainer.Trainer` (checkpoints, resume, preemption come from it).
 
-Data parallelism: step s of an epoch uses the global pairs ``[s*B*W, (s+1)*B*W)`` of a seeded permutation
-(identical on every rank); rank r takes its B of them. Each rank's loss is ``W * sum(valid losses) / N_s``
-with N_s the step's global number of real pairs, so the backend's gradient average is exactly the gradient
-of the global mean loss -- the same update as one process with batch B*W.
+Data parallelism: the trainer hands every step its global pairs and this rank's slots. Each rank's loss is
+``W * sum(valid losses) / N_s`` with N_s the step's global number of real pairs, so the backend's gradient
+average is exactly the gradient of the global mean loss -- the same update as one process with the whole
+global batch. The projection's retain loss is scaled the same way over its own global batch.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from fisherdist.distributed.collectives import rank_world
+from fisherdist.distributed.collectives import all_reduce_sum, rank_world
+from fisherdist.distributed.wrap import Wrapped
+from fisherdist.errors import ConfigError
 from fisherdist.fisher.loss import per_sample_nll
 from fisherdist.methods.suv.config import TrainSettings
 from fisherdist.methods.suv.dpo import collate_pairs, dpo_loss, reference_logprobs, sequence_logprobs
 from fisherdist.methods.suv.projection import RetainProjector
 from fisherdist.methods.suv.regularizer import FisherBarrier
 from fisherdist.methods.suv.schedule import LambdaSchedule
+from fisherdist.recipes.trainer import StepBatch, Trainer, TrainHook
 
 
 @dataclass
@@ -31,130 +34,168 @@ class PairTokens:
     rejected: list[int]
 
 
-def _slice(order: list[int], step: int, per_rank: int, rank: int, world: int) -> tuple[list[int], int]:
-    """(this rank's indices into ``order``, padded with -1, and the step's global count of real items)."""
-    lo = step * per_rank * world
-    glob = order[lo : lo + per_rank * world]
-    mine = [glob[i] if i < len(glob) else -1 for i in range(rank * per_rank, (rank + 1) * per_rank)]
-    return mine, len(glob)
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _all_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (the per-rank values are already scaled to sum to the global quantity)."""
-    values = values.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values)
-    return values
+class RetainProjection(TrainHook):
+    """Before each step: the retain loss's gradient into the projector's EMA; after backward: project.
+    The retain texts cycle with a global cursor, so the batches do not depend on the world size."""
 
+    name = "projection"
 
-def _add_to_zero_grads(extra: dict[torch.Tensor, torch.Tensor], value: torch.Tensor) -> torch.Tensor:
-    """Add full-size gradients to DeepSpeed's (partitioned, already averaged) gradients; returns ``value``."""
-    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
-
-    for p, g in extra.items():
-        current = safe_get_full_grad(p)
-        safe_set_full_grad(p, current + g.to(current.dtype).view_as(current))
-    return value
-
-
-class SuvTrainer:
-    """One object per training run: the wrapped model, its data, the regulariser and the projector."""
-
-    def __init__(self, wrapped: Any, pairs: list[PairTokens], retain: list[list[int]], settings: TrainSettings,
-                 pad_id: int, barrier: FisherBarrier | None = None) -> None:
-        if not pairs:
-            raise ValueError("no preference pairs to train on")
-        self.w, self.pairs, self.retain, self.cfg, self.pad_id, self.barrier = wrapped, pairs, retain, settings, pad_id, barrier
+    def __init__(self, w: Wrapped, retain: list[list[int]], settings: TrainSettings, pad_id: int) -> None:
+        if not retain:
+            raise ConfigError("train.projection needs retain texts")
+        self.w, self.retain, self.cfg, self.pad_id = w, retain, settings, pad_id
+        self.named = w.named_trainable()
+        self.projector = RetainProjector([p for _, p in self.named], settings.ema_alpha, w.engine_owns_grads)
         self.rank, self.world = rank_world()
-        self.params = [p for p in wrapped.unwrapped.parameters() if p.requires_grad]
-        zero = wrapped.backend.startswith("zero")
-        self.projector = RetainProjector(self.params, settings.ema_alpha, zero) if settings.projection else None
-        if settings.projection and not retain:
-            raise ValueError("train.projection needs retain texts")
-        self.schedule = LambdaSchedule(settings.lam, settings.lambda_schedule)
-        self.device = next(iter(self.params)).device
-        self.steps_per_epoch = math.ceil(len(pairs) / (settings.batch_size * self.world))
-        total = self.steps_per_epoch * settings.epochs
-        self.total_steps = min(total, settings.max_steps) if settings.max_steps else total
-        self._retain_cursor = 0
+        self.global_batch = settings.retain_batch_size * self.world
+        self.cursor = 0
 
-    # -- losses -------------------------------------------------------------------------------------
-    def _dpo(self, idx: list[int], n_real: int) -> torch.Tensor:
-        real = [i for i in idx if i >= 0]
-        items = [self.pairs[i] for i in (real or [0])]
-        batch = collate_pairs([p.prompt for p in items], [p.chosen for p in items], [p.rejected for p in items],
-                              self.pad_id, self.cfg.max_length)
-        batch.input_ids, batch.attention_mask, batch.labels = (t.to(self.device) for t in
-                                                               (batch.input_ids, batch.attention_mask, batch.labels))
-        ref = reference_logprobs(self.w.unwrapped, batch)
-        logits = self.w.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        pol = sequence_logprobs(logits, batch.labels)
-        n = batch.pairs
-        losses = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], self.cfg.beta)
-        weight = 1.0 if real else 0.0  # a rank with only padding still runs the collectives, with zero loss
-        return losses.sum() * weight * self.world / n_real
+    def _rows(self) -> tuple[list[list[int]], list[bool]]:
+        """This rank's slots of the next global retain batch (empty slots repeat a text with weight 0)."""
+        per = -(-self.global_batch // self.world)
+        slots = range(self.rank * per, (self.rank + 1) * per)
+        rows = [self.retain[(self.cursor + i) % len(self.retain)][: self.cfg.max_length] for i in slots]
+        self.cursor = (self.cursor + self.global_batch) % len(self.retain)
+        return rows, [i < self.global_batch for i in slots]
 
-    def _retain_loss(self) -> torch.Tensor:
-        """Mean per-text NLL of the next global retain batch (cycling through the retain texts)."""
-        per = self.cfg.retain_batch_size
-        start = self._retain_cursor
-        self._retain_cursor = (start + per * self.world) % len(self.retain)
-        idx = [(start + self.rank * per + i) % len(self.retain) for i in range(per)]
-        rows = [self.retain[i][: self.cfg.max_length] for i in idx]
+    def _loss(self) -> torch.Tensor:
+        """``W * sum(per-text NLL) / G``: the ranks' average is the global batch's mean per-text NLL."""
+        rows, valid = self._rows()
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        device = next(iter(self.projector.params)).device
+        ids, mask = ids.to(device), mask.to(device)
         logits = self.w.module(input_ids=ids, attention_mask=mask).logits
-        return per_sample_nll(logits, ids.masked_fill(mask == 0, -100)).mean()
+        nll = per_sample_nll(logits, ids.masked_fill(mask == 0, -100))
+        weight = torch.tensor(valid, dtype=nll.dtype, device=nll.device)
+        return (nll * weight).sum() * self.world / self.global_batch
 
-    # -- one optimizer step -------------------------------------------------------------------------
-    def step(self, idx: list[int], n_real: int) -> dict[str, float]:
-        lam = self.schedule.value
-        if self.projector is not None:
-            self.w.backward(self._retain_loss())
-            self.projector.update()
-            self.w.zero_grad()
-        dpo = self._dpo(idx, n_real)
-        loss = dpo
-        reg = torch.zeros((), dtype=torch.float64)
-        barrier_outside = self.w.backend == "zero3"  # ZeRO-3: the factors exist only inside the forward
-        if self.barrier is not None and lam > 0 and not barrier_outside:
-            term, reg = self.barrier.loss_term(lam)
-            loss = loss + term.to(loss.dtype)
-        self.w.backward(loss)
-        if self.barrier is not None and lam > 0 and barrier_outside:
-            reg = _add_to_zero_grads(*self.barrier.factor_gradients(lam))
-        if self.projector is not None:
-            self.projector.project()
-        if self.cfg.max_grad_norm is not None and not self.w.backend.startswith("zero"):
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.w.step()
-        dpo_global = float(_all_sum(dpo.double().reshape(1)) / self.world)
-        self.schedule.step(dpo_global)
-        return {"dpo": dpo_global, "fisher_reg": float(reg), "lambda": lam}
+    def before_loss(self, batch: StepBatch) -> None:
+        self.w.backward(self._loss())
+        self.projector.update()
+        self.w.zero_grad()
 
-    def run(self, progress: bool = True) -> list[dict[str, float]]:
+    def after_backward(self, batch: StepBatch) -> None:
+        self.projector.project()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.projector.ema is None:  # only before the first step; a load target needs the tensors
+            self.projector.ema = [self._zeros(p) for _, p in self.named]
+        ema = {f"ema.{n}": self._as_saved(p, e) for (n, p), e in zip(self.named, self.projector.ema)}
+        return {**ema, "cursor": self.cursor, "global_batch": self.global_batch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        assert self.projector.ema is not None  # state_dict() ran first (DCP loads into it)
+        for (n, _), e in zip(self.named, self.projector.ema):
+            e.copy_(_local(state_dict[f"ema.{n}"]))
+        self.cursor, self.global_batch = int(state_dict["cursor"]), int(state_dict["global_batch"])
+
+    def _zeros(self, p: torch.Tensor) -> torch.Tensor:
+        if self.w.engine_owns_grads:  # full-size gradients (ZeRO-3 keeps the full shape in ds_shape)
+            return torch.zeros(tuple(getattr(p, "ds_shape", p.shape)), dtype=torch.float32, device=p.device)
+        return torch.zeros_like(_local(p))
+
+    def _as_saved(self, p: torch.Tensor, ema: torch.Tensor) -> torch.Tensor:
+        """The EMA in its parameter's sharding: a DTensor under FSDP2 (so DCP reshards it), else as is."""
+        if self.w.engine_owns_grads or not hasattr(p, "device_mesh"):
+            return ema
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(ema, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+
+
+class SuvTrainer(TrainHook):
+    """SUV's step on the shared trainer: the DPO loss, the Fisher barrier (a loss term, or under ZeRO-3 a
+    full-size gradient) and the lambda schedule; the projection is a separate hook."""
+
+    name = "suv"
+
+    def __init__(self, wrapped: Wrapped, pairs: list[PairTokens], retain: list[list[int]], settings: TrainSettings,
+                 pad_id: int, barrier: FisherBarrier | None = None, checkpoint_dir: str | Path | None = None) -> None:
+        if not pairs:
+            raise ConfigError("no preference pairs to train on")
+        self.w, self.pairs, self.cfg, self.pad_id, self.barrier = wrapped, pairs, settings, pad_id, barrier
+        self.schedule = LambdaSchedule(settings.lam, settings.lambda_schedule)
+        self.device = next(p for _, p in wrapped.named_trainable()).device
+        hooks: list[TrainHook] = [RetainProjection(wrapped, retain, settings, pad_id)] if settings.projection else []
+        self.trainer = Trainer(wrapped, len(pairs), settings, self._dpo, hooks=[*hooks, self],
+                               checkpoint_dir=checkpoint_dir, name="train", fingerprint=_pairs_hash(pairs))
+        self._lam, self._dpo_value = 0.0, torch.zeros(())
+        self._reg = torch.zeros((), dtype=torch.float64)
+
+    @property
+    def total_steps(self) -> int:
+        return self.trainer.plan.total_steps
+
+    def run(self, progress: bool = True) -> list[dict[str, Any]]:
         """All epochs; returns the per-step log (identical on every rank)."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        return self.trainer.run(progress)
 
-        history: list[dict[str, float]] = []
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[info]}")]
-        with Progress(*columns, disable=not progress or self.rank != 0, transient=True) as bar:
-            task = bar.add_task("train", total=self.total_steps, info="")
-            for _epoch in range(self.cfg.epochs):
-                order = torch.randperm(len(self.pairs), generator=g).tolist()
-                for s in range(self.steps_per_epoch):
-                    if len(history) >= self.total_steps:
-                        return history
-                    idx, n_real = _slice(order, s, self.cfg.batch_size, self.rank, self.world)
-                    row = self.step(idx, n_real)
-                    row["step"] = len(history) + 1
-                    history.append(row)
-                    bar.update(task, advance=1, info=f"dpo {row['dpo']:.4f}  R {row['fisher_reg']:.3g}")
-        return history
+    # -- the loss -------------------------------------------------------------------------------------
+    def _dpo(self, batch: StepBatch) -> torch.Tensor:
+        real = [i for i in batch.mine if i >= 0]
+        items = [self.pairs[i] for i in (real or [0])]
+        pb = collate_pairs([p.prompt for p in items], [p.chosen for p in items], [p.rejected for p in items],
+                           self.pad_id, self.cfg.max_length)
+        pb.input_ids, pb.attention_mask, pb.labels = (t.to(self.device) for t in (pb.input_ids, pb.attention_mask, pb.labels))
+        ref = reference_logprobs(self.w.unwrapped, pb)
+        logits = self.w.module(input_ids=pb.input_ids, attention_mask=pb.attention_mask).logits
+        pol = sequence_logprobs(logits, pb.labels)
+        n = pb.pairs
+        losses = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], self.cfg.beta)
+        weight = 1.0 if real else 0.0  # a rank with only padding still runs the collectives, with zero loss
+        self._dpo_value = losses.sum() * weight * batch.world / batch.n_real
+        return self._dpo_value
+
+    # -- hook: barrier and schedule ---------------------------------------------------------------------
+    def before_loss(self, batch: StepBatch) -> None:
+        self._lam = self.schedule.value
+        self._reg = torch.zeros((), dtype=torch.float64)
+
+    def _barrier_on(self) -> bool:
+        return self.barrier is not None and self._lam > 0
+
+    def extra_loss(self, batch: StepBatch) -> torch.Tensor | None:
+        if not self._barrier_on() or self.w.params_gathered_in_forward:
+            return None
+        assert self.barrier is not None
+        term, self._reg = self.barrier.loss_term(self._lam)
+        return term
+
+    def extra_grads(self, batch: StepBatch) -> dict[torch.Tensor, torch.Tensor]:
+        if not self._barrier_on() or not self.w.params_gathered_in_forward:
+            return {}  # ZeRO-3: the factors exist only inside the forward, so the barrier enters as a gradient
+        assert self.barrier is not None
+        grads, self._reg = self.barrier.factor_gradients(self._lam)
+        return grads
+
+    def after_step(self, batch: StepBatch, row: dict[str, Any]) -> None:
+        dpo_global = float(all_reduce_sum(self._dpo_value.detach().double().reshape(1).clone()) / batch.world)
+        self.schedule.step(dpo_global)
+        row.update(dpo=dpo_global, fisher_reg=float(self._reg), **{"lambda": self._lam})
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self.schedule
+        return {"lambda": s.value, "best": s.best, "stalled": s.stalled}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        s = self.schedule
+        s.value, s.best, s.stalled = float(state_dict["lambda"]), float(state_dict["best"]), int(state_dict["stalled"])
+
+
+def _pairs_hash(pairs: list[PairTokens]) -> str:
+    """Identifies the training data in the checkpoint: a resume over other pairs is refused."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(repr((p.prompt, p.chosen, p.rejected)).encode())
+    return h.hexdigest()[:16]
