@@ -125,7 +125,11 @@ def natural_oracle(params: list[torch.Tensor], steps: int, rank: int, gap: int, 
             st, right = state[i], p.dim() == 2 and p.shape[0] >= p.shape[1]
             if p.dim() == 2 and t % gap == 0:
                 u, _, vh = torch.linalg.svd(g, full_matrices=False)
-                st["P"], st["win"] = (vh[:rank] if right else u[:, :rank]), []
+                # sign convention: each right singular vector's largest-magnitude entry is positive
+                flip = torch.tensor([1.0 if row[row.abs().argmax()] > 0 else -1.0 for row in vh[:rank]],
+                                    dtype=torch.float64)
+                u, vh = u[:, :rank] * flip, vh[:rank] * flip[:, None]
+                st["P"], st["win"] = (vh if right else u), []
             if p.dim() == 2:
                 low = g @ st["P"].t() if right else st["P"].t() @ g
                 st["win"] = (st["win"] + [low.reshape(-1)])[-s:]

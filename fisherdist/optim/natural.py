@@ -42,7 +42,9 @@ def natural_step(low: torch.Tensor, hist: torch.Tensor, gram: torch.Tensor, slot
     hist[slot].copy_(low)
     flat = hist.reshape(hist.shape[0], -1).to(low.dtype)
     g = low.reshape(-1)
-    products = layout.reduce(flat @ torch.stack([flat[slot], g], dim=1)).double()
-    gram[slot, :] = products[:, 0]
-    gram[:, slot] = products[:, 0]
-    return woodbury(g, flat, gram, products[:, 1], damping).reshape(low.shape)
+    # one pass when the window keeps the gradient exactly; a narrower window pairs with its rounded copy
+    row = flat @ g if hist.dtype == low.dtype else flat @ flat[slot]
+    products = layout.reduce(torch.cat([row, flat @ g]) if hist.dtype != low.dtype else row).double()
+    gram[slot, :] = products[: hist.shape[0]]
+    gram[:, slot] = products[: hist.shape[0]]
+    return woodbury(g, flat, gram, products[-hist.shape[0]:], damping).reshape(low.shape)

@@ -104,7 +104,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             update = self._adam(grad, group, state)
         state["step"] += 1
         target = local(param)
-        target.add_(update, alpha=-self._step_size(group, step + 1))
+        scale = float(group.get("scale", 1.0)) if "rank" in group else 1.0  # folded in: no full-size pass
+        target.add_(update, alpha=-self._step_size(group, step + 1) * scale)
         if group["weight_decay"] > 0.0:
             target.add_(target, alpha=-group["lr"] * group["weight_decay"])
 
@@ -127,7 +128,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _low_rank_update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any],
                          state: dict[str, Any], layout: Layout, step: int) -> torch.Tensor:
-        """Project (refreshing the projector every ``update_proj_gap`` steps), precondition, Adam, project back."""
+        """Project (refreshing the projector every ``update_proj_gap`` steps), precondition, Adam, project back
+        (unscaled: the caller folds ``scale`` into the step size)."""
         side = subspace.side_of(group.get("proj_type", "std"), layout.shape)
         proj = local(state["projector"])
         gap = int(group.get("update_proj_gap", 200))
@@ -148,7 +150,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         update = self._adam(low, group, state)
         if side == "left":
             update = layout.gather_columns(update, layout.shape[1])
-        return subspace.project_back(update, proj, side) * float(group.get("scale", 1.0))
+        return subspace.project_back(update, proj, side)
 
     def _natural(self, param: torch.Tensor, low: torch.Tensor, group: dict[str, Any], state: dict[str, Any],
                  layout: Layout, step: int, gap: int) -> torch.Tensor:

@@ -60,9 +60,20 @@ def refresh(grad: torch.Tensor, layout: Layout, side: str, rank: int, subspace: 
         proj = _gram_eig(g, layout, side, r)
     else:
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
-        proj = vh[:r] if side == "right" else u[:, :r]
+        sign = _signs(vh[:r])
+        proj = vh[:r] * sign[:, None] if side == "right" else u[:, :r] * sign
     result: torch.Tensor = proj.to(grad.dtype).contiguous()
     return result
+
+
+def _signs(vh: torch.Tensor) -> torch.Tensor:
+    """+-1 per right singular vector (rows of ``vh``) making its largest-magnitude entry positive.
+
+    Adam's moments outlive a refresh (as in galore-torch), so the sign of a new basis vector changes the
+    next steps; fixing it from V, which every rank holds whole, makes the result independent of sharding.
+    """
+    pick = vh.abs().argmax(dim=1, keepdim=True)
+    return torch.where(vh.gather(1, pick) < 0, -1.0, 1.0).to(vh.dtype).squeeze(1)
 
 
 def _gram_eig(g: torch.Tensor, layout: Layout, side: str, r: int) -> torch.Tensor:
@@ -70,6 +81,7 @@ def _gram_eig(g: torch.Tensor, layout: Layout, side: str, r: int) -> torch.Tenso
     gram = layout.reduce(g.t() @ g).double()
     evals, evecs = torch.linalg.eigh(gram)
     top = evecs[:, -r:].flip(-1)
+    top = top * _signs(top.t())
     sigma = evals[-r:].flip(-1).clamp_min(torch.finfo(torch.float64).tiny).sqrt()
     proj: torch.Tensor = top.t() if side == "right" else (g.double() @ top) / sigma
     return proj.to(g.dtype)
@@ -101,5 +113,7 @@ def _randomized(g: torch.Tensor, layout: Layout, side: str, r: int, sketch: tupl
     q = _orthonormal_rows(y, layout)
     b = layout.reduce(q.t() @ g).double()
     ub, _, vh = torch.linalg.svd(b, full_matrices=False)
-    proj: torch.Tensor = vh[:r].to(g.dtype) if side == "right" else q @ ub[:, :r].to(g.dtype)
+    sign = _signs(vh[:r])
+    ub, vh = ub[:, :r] * sign, vh[:r] * sign[:, None]
+    proj: torch.Tensor = vh.to(g.dtype) if side == "right" else q @ ub.to(g.dtype)
     return proj
