@@ -117,8 +117,9 @@ def test_projectors_span_same_subspace_every_refresh() -> None:
 
 
 def natural_oracle(params: list[torch.Tensor], steps: int, rank: int, gap: int, s: int, damping: float,
-                   lr: float, scale: float) -> None:
-    """Dense float64 Natural GaLore (one-sided SVD projector, window reset at refresh, dense F^-1)."""
+                   lr: float, scale: float, window_dtype: torch.dtype = torch.float64) -> None:
+    """Dense float64 Natural GaLore (one-sided SVD projector, window reset at refresh, dense F^-1; the
+    window holds each gradient rounded to ``window_dtype``)."""
     state: dict[int, dict] = {i: {"m": None, "v": None, "win": []} for i in range(len(params))}
     for t in range(steps):
         for i, (p, g) in enumerate(zip(params, quadratic_grads(params, t))):
@@ -132,7 +133,7 @@ def natural_oracle(params: list[torch.Tensor], steps: int, rank: int, gap: int, 
                 st["P"], st["win"] = (vh if right else u), []
             if p.dim() == 2:
                 low = g @ st["P"].t() if right else st["P"].t() @ g
-                st["win"] = (st["win"] + [low.reshape(-1)])[-s:]
+                st["win"] = (st["win"] + [low.reshape(-1).to(window_dtype).double()])[-s:]
                 w = torch.stack(st["win"], dim=1)
                 fisher = damping * torch.eye(w.shape[0], dtype=torch.float64) + w @ w.t()
                 g = torch.linalg.solve(fisher, low.reshape(-1)).reshape(low.shape)
@@ -145,11 +146,12 @@ def natural_oracle(params: list[torch.Tensor], steps: int, rank: int, gap: int, 
             p.data.add_(u, alpha=-size)
 
 
-def test_natural_galore_matches_dense_oracle_over_refreshes() -> None:
+@pytest.mark.parametrize("window_dtype", [torch.float64, torch.bfloat16])
+def test_natural_galore_matches_dense_oracle_over_refreshes(window_dtype: torch.dtype) -> None:
     oracle, ours = make_params(torch.float64), make_params(torch.float64)
-    opt = NaturalGaLoreAdamW(groups(ours, gap=4), lr=0.01, history=3, damping=0.05)
+    opt = NaturalGaLoreAdamW(groups(ours, gap=4), lr=0.01, history=3, damping=0.05, history_dtype=window_dtype)
     run(opt, ours, 10)
-    natural_oracle(oracle, 10, rank=3, gap=4, s=3, damping=0.05, lr=0.01, scale=0.5)
+    natural_oracle(oracle, 10, rank=3, gap=4, s=3, damping=0.05, lr=0.01, scale=0.5, window_dtype=window_dtype)
     for a, b in zip(oracle, ours):
         torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-9)
 

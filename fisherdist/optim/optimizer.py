@@ -183,7 +183,7 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, *,
-                 history: int = 8, damping: float = 1e-3, **options: Any) -> None:
+                 history: int = 4, damping: float = 1e-3, **options: Any) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, history=history, damping=damping,
                          **options)
 
