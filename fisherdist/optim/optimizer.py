@@ -1,0 +1,189 @@
+"""GaLore and Natural GaLore AdamW as ``torch.optim.Optimizer``s, single process, FSDP2 and DDP.
+
+Param groups take galore-torch's keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``), so code
+written for ``galore_torch.GaLoreAdamW`` runs by changing the import; groups without ``rank`` get
+galore-torch's AdamW update (eps 1e-6, bias correction folded into the step size, decoupled weight decay
+applied after the step). Natural GaLore adds ``history`` (window s, 0 = GaLore) and ``damping`` (lambda).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from fisherdist.optim import natural, owners, subspace
+from fisherdist.optim.layout import Layout, local
+from fisherdist.optim.state import StateParts, init_state, state_bytes
+from fisherdist.optim.validate import check_group, check_options, resolve_owner_mode
+
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    """AdamW in a low-rank gradient subspace (Zhao et al. 2024), refreshed every ``update_proj_gap`` steps.
+
+    Extra options: ``subspace`` ('exact' SVD, galore-torch's choice, or 'randomized' Halko SVD, GaLore 2's),
+    ``oversample`` / ``power_iters`` / ``seed`` for the randomized sketch; ``owner_sharding`` (None: on for
+    plain parameters in a multi-rank run, i.e. DDP); ``layerwise`` (step each parameter in its
+    post-accumulate-grad hook); ``max_grad_norm`` (global clipping before the step, not with layerwise).
+    """
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, *,
+                 history: int = 0, damping: float = 1e-3, history_dtype: torch.dtype | None = None,
+                 reset_history: bool = True, subspace: str = "exact", oversample: int = 8,
+                 power_iters: int = 2, seed: int = 0, owner_sharding: bool | None = None,
+                 layerwise: bool = False, grad_accumulation: int = 1, max_grad_norm: float | None = None) -> None:
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                    "correct_bias": correct_bias, "history": history, "damping": damping}
+        self.options: dict[str, Any] = {"history_dtype": history_dtype, "reset_history": reset_history, "subspace": subspace,
+                        "oversample": oversample, "power_iters": power_iters, "seed": seed}
+        check_options(self.options, layerwise, grad_accumulation, max_grad_norm)
+        self.max_grad_norm = max_grad_norm
+        self.layerwise = layerwise
+        self._grams: dict[int, torch.Tensor] = {}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            check_group(group)
+        self._index = {id(p): i for i, p in enumerate(self._params())}
+        self._owner, self._me, self._world = resolve_owner_mode(list(self._params()), owner_sharding, layerwise)
+        if layerwise:
+            self._hooks = [p.register_post_accumulate_grad_hook(self._layerwise_hook)  # type: ignore[no-untyped-call]
+                           for p in self._params() if p.requires_grad]
+
+    def _params(self) -> Iterable[torch.Tensor]:
+        return (p for group in self.param_groups for p in group["params"])
+
+    def _group_of(self, param: torch.Tensor) -> dict[str, Any]:
+        return next(g for g in self.param_groups if any(p is param for p in g["params"]))
+
+    def _owns(self, param: torch.Tensor) -> bool:
+        return self._owner is None or self._owner[self._index[id(param)]] == self._me
+
+    def _layerwise_hook(self, param: torch.Tensor) -> None:
+        """Step this parameter as soon as its gradient is final, then free the gradient."""
+        with torch.no_grad():
+            self._update(param, self._group_of(param))
+        param.grad = None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step for every parameter with a gradient (a no-op in layer-wise mode: the hooks stepped)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.layerwise:
+            return loss
+        if self.max_grad_norm is not None:
+            grads = [p for p in self._params() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and self._owns(p):
+                    self._update(p, group)
+        if self._owner is not None:
+            owners.exchange(list(self._params()), self._owner, self._me, self._world)
+        return loss
+
+    def _update(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        """AdamW on the full gradient, or on its (natural) low-rank projection when the group has a rank."""
+        if param.grad is None:
+            return
+        grad, layout = local(param.grad), Layout.of(param)
+        state = self.state[param]
+        if not state:
+            init_state(state, param, group, self.options["history_dtype"])
+        step = int(state["step"])
+        if "rank" in group:
+            update = self._low_rank_update(param, grad, group, state, layout, step)
+        else:
+            update = self._adam(grad, group, state)
+        state["step"] += 1
+        target = local(param)
+        scale = float(group.get("scale", 1.0)) if "rank" in group else 1.0  # folded in: no full-size pass
+        target.add_(update, alpha=-self._step_size(group, step + 1) * scale)
+        if group["weight_decay"] > 0.0:
+            target.add_(target, alpha=-group["lr"] * group["weight_decay"])
+
+    @staticmethod
+    def _step_size(group: dict[str, Any], step: int) -> float:
+        beta1, beta2 = group["betas"]
+        if not group["correct_bias"]:
+            return float(group["lr"])
+        beta1, beta2 = float(beta1), float(beta2)
+        return float(group["lr"]) * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
+
+    @staticmethod
+    def _adam(grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> torch.Tensor:
+        """galore-torch's moment update; returns m / (sqrt(v) + eps) (the step size is applied by the caller)."""
+        exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
+        beta1, beta2 = group["betas"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        return exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+
+    def _low_rank_update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any],
+                         state: dict[str, Any], layout: Layout, step: int) -> torch.Tensor:
+        """Project (refreshing the projector every ``update_proj_gap`` steps), precondition, Adam, project back
+        (unscaled: the caller folds ``scale`` into the step size)."""
+        side = subspace.side_of(group.get("proj_type", "std"), layout.shape)
+        proj = local(state["projector"])
+        gap = int(group.get("update_proj_gap", 200))
+        if step % gap == 0:
+            seed = hash((self.options["seed"], self._index[id(param)], step)) & (2 ** 62 - 1)
+            sketch = (int(self.options["oversample"]), int(self.options["power_iters"]), seed)
+            proj.copy_(subspace.refresh(grad, layout, side, int(group["rank"]), str(self.options["subspace"]),
+                                        sketch))
+            if self.options["reset_history"] and "history" in state:
+                local(state["history"]).zero_()
+                self._grams.pop(id(param), None)
+        low = subspace.project(grad, proj, side, layout)
+        if side == "left" and layout.sharded:
+            start, end = layout.columns(low.shape[-1])
+            low = low[:, start:end]
+        if "history" in state:
+            low = self._natural(param, low, group, state, layout, step, gap)
+        update = self._adam(low, group, state)
+        if side == "left":
+            update = layout.gather_columns(update, layout.shape[1])
+        return subspace.project_back(update, proj, side)
+
+    def _natural(self, param: torch.Tensor, low: torch.Tensor, group: dict[str, Any], state: dict[str, Any],
+                 layout: Layout, step: int, gap: int) -> torch.Tensor:
+        hist = local(state["history"])
+        gram = self._grams.get(id(param))
+        if gram is None:
+            gram = self._grams[id(param)] = natural.gram_of(hist, layout, low.dtype)
+        since = step % gap if self.options["reset_history"] else step
+        return natural.natural_step(low, hist, gram, since % hist.shape[0], float(group["damping"]), layout)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts floating state to the parameter dtype on load: put the history back in its own dtype."""
+        super().load_state_dict(state_dict)
+        self._grams.clear()
+        dtype = self.options["history_dtype"]
+        for state in self.state.values():
+            if "history" in state and dtype is not None:
+                state["history"] = state["history"].to(dtype)
+
+    def state_bytes(self) -> StateParts:
+        """This rank's optimizer-state bytes by part: moments, projectors, history."""
+        return state_bytes(self.state.values(), self._grams.values())
+
+
+class NaturalGaLoreAdamW(GaLoreAdamW):
+    """GaLore whose low-rank gradient is preconditioned by the inverse of lambda*I + G G^T, G the last
+    ``history`` low-rank gradients (Natural GaLore, arXiv 2410.16029, one-sided as in the paper), solved
+    by Woodbury; the window is cleared when the subspace changes (``reset_history``), unlike the paper's code.
+    """
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, *,
+                 history: int = 4, damping: float = 1e-3, **options: Any) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, history=history, damping=damping,
+                         **options)
+

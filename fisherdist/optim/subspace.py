@@ -1,0 +1,119 @@
+"""The GaLore projector: which side of the gradient it acts on, how it is found, and projecting through it.
+
+``right``: P is r x n, the low-rank gradient is G P^T (m x r) and rows stay where G's rows are.
+``left``: P is m x r, the low-rank gradient is P^T G (r x n), a sum over row shards.
+Under FSDP2 (row shards) no rank forms the whole gradient: ``exact`` takes the eigenvectors of the
+all-reduced n x n Gram matrix, ``randomized`` runs Halko et al.'s range finder with Cholesky-QR, whose
+only collectives are k x k, n x k and k x n sums. On a whole matrix ``exact`` is ``torch.linalg.svd``,
+exactly as galore-torch computes it (the parity mode).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fisherdist.errors import ConfigError
+from fisherdist.optim.layout import Layout
+
+SIDES = {"std": ("right", "left"), "reverse_std": ("left", "right"), "right": ("right", "right"),
+         "left": ("left", "left")}
+"""galore-torch's proj_type -> side for (m >= n, m < n)."""
+
+
+def side_of(proj_type: str, shape: tuple[int, ...]) -> str:
+    if proj_type not in SIDES:
+        raise ConfigError(f"GaLore param group: proj_type={proj_type!r}; expected one of {sorted(SIDES)} "
+                          "(two-sided 'full' is not supported)")
+    tall, wide = SIDES[proj_type]
+    return tall if shape[0] >= shape[1] else wide
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; anything narrower is decomposed in float32, as galore-torch does."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def project(grad: torch.Tensor, proj: torch.Tensor, side: str, layout: Layout) -> torch.Tensor:
+    """The low-rank gradient of this rank's rows: G P^T (local rows), or P^T G summed over shards."""
+    if side == "right":
+        return grad @ proj.t()
+    return layout.reduce(proj.t() @ grad)
+
+
+def project_back(update: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
+    """This rank's rows of the full-size update (``update`` whole for ``left``, local rows for ``right``)."""
+    return update @ proj if side == "right" else proj @ update
+
+
+def refresh(grad: torch.Tensor, layout: Layout, side: str, rank: int, subspace: str,
+            sketch: tuple[int, int, int]) -> torch.Tensor:
+    """A new projector from this step's gradient, in the gradient's dtype.
+
+    ``sketch`` is (oversample, power iterations, seed) for the randomized mode; the seed must be equal on
+    every rank sharing the matrix (it names the parameter and step, not the rank).
+    """
+    g = grad.to(compute_dtype(grad.dtype))
+    r = min(rank, *layout.shape[:2])
+    if subspace == "randomized":
+        proj = _randomized(g, layout, side, r, sketch)
+    elif layout.sharded:
+        proj = _gram_eig(g, layout, side, r)
+    else:
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        sign = _signs(vh[:r])
+        proj = vh[:r] * sign[:, None] if side == "right" else u[:, :r] * sign
+    result: torch.Tensor = proj.to(grad.dtype).contiguous()
+    return result
+
+
+def _signs(vh: torch.Tensor) -> torch.Tensor:
+    """+-1 per right singular vector (rows of ``vh``) making its largest-magnitude entry positive.
+
+    Adam's moments outlive a refresh (as in galore-torch), so the sign of a new basis vector changes the
+    next steps; fixing it from V, which every rank holds whole, makes the result independent of sharding.
+    """
+    pick = vh.abs().argmax(dim=1, keepdim=True)
+    return torch.where(vh.gather(1, pick) < 0, -1.0, 1.0).to(vh.dtype).squeeze(1)
+
+
+def _gram_eig(g: torch.Tensor, layout: Layout, side: str, r: int) -> torch.Tensor:
+    """Top-r singular vectors from the all-reduced Gram G^T G (n x n): V directly, U rows as G_i V / sigma."""
+    gram = layout.reduce(g.t() @ g).double()
+    evals, evecs = torch.linalg.eigh(gram)
+    top = evecs[:, -r:].flip(-1)
+    top = top * _signs(top.t())
+    sigma = evals[-r:].flip(-1).clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    proj: torch.Tensor = top.t() if side == "right" else (g.double() @ top) / sigma
+    return proj.to(g.dtype)
+
+
+def _orthonormal_rows(y: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Orthonormal columns for a row-sharded tall matrix: Cholesky-QR twice, with a shift for rank deficiency."""
+    q = y.double()
+    for _ in range(2):
+        w = layout.reduce(q.t() @ q)
+        shift = 1e-13 * w.diagonal().sum() + torch.finfo(torch.float64).tiny
+        w.diagonal().add_(shift)
+        chol = torch.linalg.cholesky(w, upper=True)
+        q = torch.linalg.solve_triangular(chol, q, upper=True, left=False)
+    return q.to(y.dtype)
+
+
+def _randomized(g: torch.Tensor, layout: Layout, side: str, r: int, sketch: tuple[int, int, int]) -> torch.Tensor:
+    """Halko, Martinsson & Tropp's randomized SVD (range finder with power iterations) on row shards."""
+    oversample, power_iters, seed = sketch
+    k = min(r + oversample, *layout.shape[:2])
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(layout.shape[1], k, generator=gen, dtype=torch.float64).to(g.device, g.dtype)
+    y = g @ omega
+    for _ in range(power_iters):
+        y = _orthonormal_rows(y, layout)
+        z = torch.linalg.qr(layout.reduce(g.t() @ y).double()).Q.to(g.dtype)
+        y = g @ z
+    q = _orthonormal_rows(y, layout)
+    b = layout.reduce(q.t() @ g).double()
+    ub, _, vh = torch.linalg.svd(b, full_matrices=False)
+    sign = _signs(vh[:r])
+    ub, vh = ub[:, :r] * sign, vh[:r] * sign[:, None]
+    proj: torch.Tensor = vh.to(g.dtype) if side == "right" else q @ ub.to(g.dtype)
+    return proj
