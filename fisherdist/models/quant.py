@@ -88,8 +88,9 @@ def nf_levels(bits: int) -> torch.Tensor:
     left = torch.linspace(1 - NF_OFFSET, 0.5, half, dtype=torch.float64)[:-1]
     right = torch.linspace(0.5, NF_OFFSET, half + 1, dtype=torch.float64)
     quantiles = torch.cat([left, right])
-    sigma = 1.0 / torch.special.ndtri(torch.tensor(NF_OFFSET, dtype=torch.float64))
-    return (torch.special.ndtri(quantiles) * sigma).to(torch.float32)
+    outer: torch.Tensor = torch.special.ndtri(torch.tensor(NF_OFFSET, dtype=torch.float64))
+    levels: torch.Tensor = torch.special.ndtri(quantiles) / outer
+    return levels.to(torch.float32)
 
 
 def storage_nbytes(numel: int, cfg: QConfig) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from fisherdist.config import resolve_path
 from fisherdist.errors import FisherdistError
 
 
@@ -24,8 +25,9 @@ class Target:
 
 
 def find_targets(model_dir: str | Path, pattern: str) -> list[Target]:
-    """2-D weights whose names match ``pattern``, from the headers only (no tensor is read)."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
+    """2-D weights whose names match ``pattern``, from the headers only (no tensor is read); ``@world/...``
+    names the shipped tiny world."""
+    files = sorted(resolve_path(model_dir).glob("*.safetensors"))
     if not files:
         raise FisherdistError(f"{model_dir}: no *.safetensors weights found")
     regex = re.compile(pattern)
