@@ -44,3 +44,12 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     swap_in(tmp, final)
+
+
+def write_text(final: str | Path, text: str) -> Path:
+    """Write a file through a hidden sibling and an atomic rename: readers see the old or the new file."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(final)
+    return final

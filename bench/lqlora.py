@@ -1,0 +1,192 @@
+"""LQ-LoRA vs QLoRA's NF4 at matched bits on the tiny world, decomposition time at 4096 x 4096, and NF4's
+relative error on Gaussian matrices, in ONE run.
+
+    python bench/lqlora.py --out bench/results/lqlora.json
+
+1. A diagonal empirical Fisher (per sample, mean convention) of the tiny world's 28 ``*_proj`` weights from
+   the engine (``fisherdist.fisher.estimate_fisher``, one process) on general_train text.
+2. Cost tables (one LQ decomposition per matrix and configuration of the small grid, rank 8): Fisher-
+   weighted (elementwise F in the cost and the stopping test, row x column scales in the SVD) and
+   data-agnostic (plain Frobenius), then the ILP at each budget.
+3. Compared at init (no fine-tuning; QLoRA's adapters start at zero, LQ-LoRA's at L1 L2): the Fisher-weighted
+   error sum ||sqrt(F) . (W - W_hat)||^2 relative to sum ||sqrt(F) . W||^2, and held-out perplexity with
+   the W_hat substituted. Baseline: bitsandbytes NF4, block 64, its double-quantized scales (4.127 bits).
+4. Seconds per alternation and per decomposition of one 4096 x 4096 Gaussian matrix (rank 64, nf3, randomized
+   SVD), and the relative Frobenius error of NF4 on it (bitsandbytes and ours).
+Writes JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fisherdist.methods.lqlora.allocate import parse_costs, solve
+from fisherdist.methods.lqlora.decompose import LQResult, lq_decompose
+from fisherdist.methods.lqlora.fisher_weights import FisherWeights
+from fisherdist.methods.lqlora.grid import small_grid
+from fisherdist.models.quant import QConfig, quantize
+
+WORLD = Path(__file__).resolve().parents[1] / "fisherdist" / "world" / "default"
+BUDGETS = [4.127, 3.5, 3.127, 2.75]
+
+
+def tiny_fisher(model: Any, tokenizer: Any, n: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Dense per-sample empirical Fisher of every ``*_proj`` weight, from the engine on one process."""
+    from fisherdist.data.batches import load_texts, rank_batches, tokenize
+    from fisherdist.fisher import FisherSpec, estimate_fisher
+
+    texts = load_texts(WORLD / "data" / "general_train.jsonl", "text", n)
+    batches = rank_batches(tokenize(texts, tokenizer, max_length), 8, 0, 1, tokenizer.pad_token_id or 0)
+    spec = FisherSpec(estimator="empirical", granularity="sample", params=["model.layers.*_proj.weight"])
+    acc = estimate_fisher(model, batches, spec, progress=False)
+    return {fqn: acc.full_fisher(fqn).clone() for fqn in acc.targets}
+
+
+def decompose_all(weights: dict[str, torch.Tensor], fishers: dict[str, FisherWeights] | None, rank: int,
+                  iters: int) -> dict[str, dict[str, LQResult]]:
+    """One decomposition per matrix and small-grid configuration (the cost table's work)."""
+    return {n: {c.name: lq_decompose(w, c, rank, iters, fishers[n] if fishers else None, seed=i)
+                for c in small_grid()} for i, (n, w) in enumerate(weights.items())}
+
+
+def plan(results: dict[str, dict[str, LQResult]], weights: dict[str, torch.Tensor], budget: float) -> dict[str, str]:
+    costs = {"matrices": [{"name": n, "numel": weights[n].numel(), "configs": [
+        {"name": c, "bits_per_param": QConfig.parse(c).bits_per_param(), "error": r.error} for c, r in per.items()]}
+        for n, per in results.items()]}
+    return solve(parse_costs(costs, "bench"), budget)[0]["assignment"]
+
+
+def nf4_bnb(w: torch.Tensor) -> torch.Tensor:
+    """QLoRA's NF4: bitsandbytes, block 64, nested (double-quantized) absmax."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    return bnbf.dequantize_4bit(packed, state)
+
+
+def evaluate(model: Any, tokenizer: Any, weights: dict[str, torch.Tensor], approx: dict[str, torch.Tensor],
+             fisher: dict[str, torch.Tensor], heldout: list[str]) -> dict[str, float]:
+    """Relative Fisher-weighted error and held-out perplexity with ``approx`` substituted."""
+    from fisherdist.eval.utility import perplexity
+
+    num = sum(float((fisher[n] * (weights[n] - approx[n]) ** 2).sum()) for n in weights)
+    den = sum(float((fisher[n] * weights[n] ** 2).sum()) for n in weights)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in weights:
+            params[n].copy_(approx[n])
+        ppl = perplexity(model, tokenizer, heldout)["perplexity"]
+        for n in weights:
+            params[n].copy_(weights[n])
+    return {"fisher_weighted_rel_error": num / den, "heldout_perplexity": ppl}
+
+
+def lq_rows(results: dict[str, dict[str, LQResult]], weights: dict[str, torch.Tensor], rank: int,
+            label: str) -> list[tuple[str, float, float, dict[str, torch.Tensor]]]:
+    """(label, quantized bits, bits with the 16-bit L1 L2, W_hat) at every budget."""
+    total = sum(w.numel() for w in weights.values())
+    lowrank_bits = 16 * sum(rank * sum(w.shape) for w in weights.values()) / total
+    rows = []
+    for budget in BUDGETS:
+        assignment = plan(results, weights, budget)
+        bits = sum(weights[n].numel() * QConfig.parse(c).bits_per_param() for n, c in assignment.items()) / total
+        approx = {n: (r := results[n][c]).q.dequantize() + r.l1 @ r.l2 for n, c in assignment.items()}
+        rows.append((f"{label} @ {budget}", bits, bits + lowrank_bits, approx))
+    return rows
+
+
+def tiny_world(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from fisherdist.data.batches import load_texts
+    from fisherdist.models.load import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(WORLD / "model")
+    t0 = time.perf_counter()
+    fisher = tiny_fisher(model, tokenizer, args.calibration, 128)
+    print(f"fisher: {len(fisher)} matrices in {time.perf_counter() - t0:.1f}s", flush=True)
+    params = dict(model.named_parameters())
+    weights = {n: params[n].detach().clone() for n in fisher}
+    heldout = load_texts(WORLD / "data" / "general_heldout.jsonl", "text")
+    t0 = time.perf_counter()
+    weighted = decompose_all(weights, {n: FisherWeights.from_full(f) for n, f in fisher.items()}, args.rank, args.iters)
+    agnostic = decompose_all(weights, None, args.rank, args.iters)
+    print(f"cost tables: {time.perf_counter() - t0:.1f}s", flush=True)
+    rows = [("NF4 (bitsandbytes, QLoRA)", 4.127, 4.127, {n: nf4_bnb(w) for n, w in weights.items()})]
+    rows += lq_rows(weighted, weights, args.rank, "LQ-LoRA Fisher") + lq_rows(agnostic, weights, args.rank, "LQ-LoRA")
+    base = evaluate(model, tokenizer, weights, weights, fisher, heldout)["heldout_perplexity"]
+    out = [{"method": "16-bit model", "bits_per_param": 16.0, "bits_with_lowrank": 16.0,
+            "fisher_weighted_rel_error": 0.0, "heldout_perplexity": base}]
+    for label, bits, with_lr, approx in rows:
+        out.append({"method": label, "bits_per_param": bits, "bits_with_lowrank": with_lr,
+                    **evaluate(model, tokenizer, weights, approx, fisher, heldout)})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def big_matrix(args: argparse.Namespace) -> dict[str, Any]:
+    w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0))
+    rel = lambda a: float((w - a).norm() / w.norm())  # noqa: E731
+    t0 = time.perf_counter()
+    res = lq_decompose(w, QConfig.parse("nf3"), 64, args.big_iters)
+    seconds = time.perf_counter() - t0
+    return {"shape": [4096, 4096], "rank": 64, "config": "nf3", "iterations": len(res.errors),
+            "seconds": seconds, "seconds_per_iteration": seconds / len(res.errors),
+            "rel_frobenius_lq_nf3": res.error ** 0.5 / float(w.norm()),
+            "rel_frobenius_nf4_bnb": rel(nf4_bnb(w)), "rel_frobenius_nf4_ours": rel(quantize(w, QConfig.parse("nf4")).dequantize())}
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key in zip(axes, ("fisher_weighted_rel_error", "heldout_perplexity")):
+        for label, marker in (("LQ-LoRA Fisher", "o-"), ("LQ-LoRA", "s--")):
+            pts = [(r["bits_per_param"], r[key]) for r in rows if r["method"].startswith(label + " @")]
+            ax.plot(*zip(*pts), marker, label=label)
+        nf4 = next(r for r in rows if r["method"].startswith("NF4"))
+        ax.plot([nf4["bits_per_param"]], [nf4[key]], "r*", markersize=14, label="NF4 (QLoRA)")
+        if key == "heldout_perplexity":
+            ax.axhline(rows[0][key], color="gray", lw=0.8, label="16-bit")
+        ax.set_xlabel("bits per parameter (quantized part)")
+        ax.set_title(key.replace("_", " "))
+        ax.legend()
+    fig.suptitle("Tiny world, rank 8, at initialisation (no fine-tuning)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench/results/lqlora.json")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--iters", type=int, default=20, help="max alternations per cost-table decomposition")
+    p.add_argument("--calibration", type=int, default=64, help="general_train sequences for the Fisher")
+    p.add_argument("--big-iters", type=int, default=5, help="alternations on the 4096 x 4096 matrix (0: skip)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    result: dict[str, Any] = {"machine": "2-core CPU", "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+    result["tiny_world"] = tiny_world(args)
+    if args.big_iters:
+        result["matrix_4096"] = big_matrix(args)
+        print(json.dumps(result["matrix_4096"]), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result["tiny_world"], out.with_suffix(".png"))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
