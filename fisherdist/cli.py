@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "fisherdist.methods.suv.cli",
     "fisherdist.eval.cli",
     "fisherdist.world.cli",
+    "fisherdist.plan.cli",
 ]
 
 
