@@ -18,7 +18,7 @@ UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 GENERAL = [
     "activations: checkpointing per decoder layer (inputs kept, one layer recomputed), SDPA attention",
     "optimizer: FSDP/DDP use torch AdamW (moments in the parameter dtype, no master copy); DeepSpeed ZeRO keeps "
-    "an fp32 master partition (shared with fp32 ZeRO-3 params) and fp32 moments",
+    "its own fp32 master partition (also for fp32 models) and fp32 moments",
     "per rank = the most loaded rank; total = persistent + the largest transient step buffers",
 ]
 

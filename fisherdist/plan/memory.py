@@ -71,9 +71,11 @@ def _optimizer(job: Job, mm: MethodModel, rank: int) -> int:
     plain = {f: s for f, s in mm.trainable.items() if f not in mm.owned}
     owned = _owned_bytes(job, mm, mm.owned_optimizer, rank)
     moments = 2 if mm.optimizer == "adamw" else 0
-    if job.backend.startswith("zero"):  # fp32 master partition (shared with the params for fp32 ZeRO-3) + moments
-        master = 0 if job.backend == "zero3" and pb == 4 else 1
-        return _zero_partition(job, plain) * 4 * (master + moments) + owned
+    if job.backend.startswith("zero"):
+        # an fp32 master partition + fp32 moments. ZeRO-3 would share fp32 params with the master, but
+        # DeepSpeed 0.19 compares a torch.device with its device *string* there, which never holds: measured
+        # (tests/test_plan_measure.py), every stage keeps its own master copy
+        return _zero_partition(job, plain) * 4 * (1 + moments) + owned
     if job.backend == "fsdp2":  # torch AdamW: zeros_like(local shard), unpadded, in the parameter dtype
         local = Placement.rows(plain, rank, job.world).local_numel()
     else:
