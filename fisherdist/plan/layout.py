@@ -13,7 +13,7 @@ import math
 from fisherdist.fisher.layout import Placement
 
 Shapes = dict[str, tuple[int, ...]]
-BACKENDS = ("fsdp1", "fsdp2", "zero1", "zero2", "zero3", "ddp")
+BACKENDS = ("fsdp1", "fsdp2", "zero1", "zero2", "zero3", "ddp", "none")  # none: one process, no wrapper
 SHARDS_PARAMS = {"fsdp1", "fsdp2", "zero3"}
 DEEPSPEED_ALIGNMENT = 2  # ZeRO-1/2 pad the flat group to a multiple of nccl_start_alignment_factor * world
 
