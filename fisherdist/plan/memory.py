@@ -30,6 +30,7 @@ class Job:
     dtype_bytes: int
     micro_batch: int
     seq: int
+    bucket_bytes: int | None = None  # ZeRO: statistics streamed through a bucket of this size (fisher bucket_mb)
 
 
 @dataclass
@@ -133,9 +134,14 @@ def transient(job: Job, mm: MethodModel) -> dict[str, int]:
     all_params = {**job.model.shapes, **mm.lora}
     in_flight = 0
     if mm.fisher_targets and mm.granularity != "batch":
-        per_unit = fsdp or job.backend == "ddp"  # fused into each unit's reduction; ZeRO holds all until acc.step()
-        held = _largest_unit(job, mm.fisher_targets) if per_unit else _numel(mm.fisher_targets)
-        in_flight = 4 * mm.stats_in_flight * held
+        per_unit = fsdp or job.backend in ("ddp", "none")  # fused into each unit's reduction
+        if per_unit:
+            in_flight = 4 * mm.stats_in_flight * _largest_unit(job, mm.fisher_targets)
+        elif job.bucket_bytes:  # streamed: one bucket, or one tensor's statistics if larger
+            largest = max(math.prod(s) for s in mm.fisher_targets.values())
+            in_flight = max(job.bucket_bytes, 4 * mm.stats_in_flight * largest)
+        else:  # the accumulator holds every target's full-shaped statistics until acc.step()
+            in_flight = 4 * mm.stats_in_flight * _numel(mm.fisher_targets)
         if mm.granularity == "sample":
             in_flight += 4 * max(PERSAMPLE_CHUNK, max(math.prod(s) for s in mm.fisher_targets.values()))
     owned_grad = 4 * max((math.prod(s) for s in mm.owned.values()), default=0)
@@ -153,7 +159,9 @@ def transient(job: Job, mm: MethodModel) -> dict[str, int]:
 
 def plan(job: Job, mm: MethodModel) -> Plan:
     """Per-rank bytes for the most loaded rank (ranks differ only in uneven placements)."""
-    ranks = range(job.world) if job.world <= 64 else (0, job.world - 1)
+    # rank 0 holds the most under row and flat-chunk placements; the flat-group cuts differ per rank
+    irregular = job.backend in ("zero1", "zero2", "fsdp1")
+    ranks = range(job.world) if irregular and job.world <= 256 else (0, job.world - 1)
     loads = {r: persistent(job, mm, r) for r in ranks}
     worst = max(loads, key=lambda r: (sum(loads[r].values()), -r))
     trans = transient(job, mm)
