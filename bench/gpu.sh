@@ -1,12 +1,32 @@
 #!/usr/bin/env bash
-# One short GPU check (device tool, ~5 minutes): 7B-architecture Llama, random bf16 weights, one GPU.
-# Step time with and without Fisher accumulation (batch / microbatch / sample granularity) and peak memory.
-#   bash bench/gpu.sh            # writes $OUT/gpu_step.json (or bench/results/gpu_step.json)
+# The GPU benchmark, one section per process under its own timeout (~4 minutes on one H100/H200):
+#   engine  Llama-2-7B shape, random bf16 weights: plain step vs Fisher accumulation per granularity
+#   suv     LoRA r=8 (q,k,v,o) AdamW step without / with SUV's differential-Fisher log barrier
+# each with its peak memory next to `fisherdist plan`'s prediction. The JSON is rewritten after every
+# section, so a cut run still reports what finished.
+#   bash bench/gpu.sh            # writes $OUT/gpu_step.json (or bench/results/gpu_step.json) and prints a table
+#   bash bench/gpu.sh --smoke    # the same sections on the tiny world model on CPU (tests/test_plan_bench.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
-export PYTHONUNBUFFERED=1
-timeout 480 python3 bench/gpu_step.py --out "$out/gpu_step.json" --batch 4 --seq 256 --steps 5 2>&1 | tee "$out/gpu_step.log"
+json="$out/gpu_step.json"
+python="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [[ "${1:-}" == "--smoke" ]]; then
+    flags=(--smoke); limits=(engine=300 suv=300)
+else
+    flags=(); limits=(engine=150 suv=100)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+    "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+        | tee -a "$out/gpu.txt"
+fi
+rm -f "$json"
+status=0
+for entry in "${limits[@]}"; do
+    section="${entry%%=*}"
+    timeout "${entry#*=}" "$python" bench/gpu_step.py --section "$section" --out "$json" "${flags[@]}" \
+        2>&1 | tee "$out/gpu_step_$section.log" || { echo "section $section failed or timed out" >&2; status=1; }
+done
+"$python" bench/gpu_step.py --table --out "$json" "${flags[@]}" | tee "$out/gpu_step.md"
+exit "$status"

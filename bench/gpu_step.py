@@ -1,10 +1,15 @@
-"""Step time and peak memory of a 7B-architecture Llama (random bf16 weights) with vs without Fisher.
+"""One GPU benchmark section per call: step time and peak memory against ``fisherdist plan``'s prediction.
 
-    python bench/gpu_step.py --out bench/results/gpu_step.json          # on one GPU (bench/gpu.sh)
-    python bench/gpu_step.py --tiny --device cpu --out /tmp/gpu_step.json   # the same code path, tiny, on CPU
+    python bench/gpu_step.py --section engine --out bench/results/gpu_step.json     # Llama-2-7B shape, bf16
+    python bench/gpu_step.py --section suv --out bench/results/gpu_step.json
+    python bench/gpu_step.py --table --out bench/results/gpu_step.json              # the table of a run
+    python bench/gpu_step.py --section engine --smoke --out /tmp/g.json             # tiny world model on CPU
 
-Plain steps and accumulating steps alternate on one model; each granularity gets its own accumulator
-(fp32 statistics for the targeted weights). Reports median step times, ratios and peak memory.
+``bench/gpu.sh`` runs every section under its own timeout. Each call merges its section into the JSON
+file (written atomically before and after the section, so a cut run still reports what finished and marks
+what was cut as ``started``). Sections: ``engine`` (plain step vs Fisher accumulation at batch /
+microbatch / sample granularity) and ``suv`` (LoRA step vs LoRA step with SUV's Fisher log barrier).
+Models have random weights and activation checkpointing per decoder layer, as the planner assumes.
 """
 
 from __future__ import annotations
@@ -14,25 +19,33 @@ import json
 import statistics
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+WORLD_MODEL = Path(__file__).resolve().parents[1] / "fisherdist" / "world" / "default" / "model"
+TARGETS = "model.layers.*.self_attn.*_proj.weight,model.layers.*.mlp.*_proj.weight"
+GIB = 2**30
 
-def build(tiny: bool, device: str) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    if tiny:
-        cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
-    else:  # Llama-2-7B architecture
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                          tie_word_embeddings=False)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+def build(args: argparse.Namespace) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from fisherdist.plan.model import load_model
+
+    config = load_model(args.model).config
+    config._attn_implementation = "sdpa"
+    config.use_cache = False
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config).to(args.dtype)
+    with warnings.catch_warnings():  # renamed activation_checkpointing_enable in transformers 5; this works in 4.x too
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -41,68 +54,170 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench/results/gpu_step.json")
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--params", default="model.layers.*.self_attn.*_proj.weight,model.layers.*.mlp.*_proj.weight")
-    args = p.parse_args()
-    from fisherdist.distributed.wrap import wrap_model
-    from fisherdist.fisher import FisherAccumulator, FisherSpec, per_sample_nll
+def peak_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / GIB if device.startswith("cuda") else None
 
-    model = build(args.tiny, args.device)
-    w = wrap_model(model, "none", lambda ps: torch.optim.SGD(ps, lr=1e-6))
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq), device=args.device)
 
-    def step(acc: FisherAccumulator | None) -> float:
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def timed(step: Callable[[], None], args: argparse.Namespace) -> dict[str, Any]:
+    """Median step time after one warm-up step, and the peak memory over the timed steps."""
+    step()
+    reset_peak(args.device)
+    times = []
+    for _ in range(args.steps):
         sync(args.device)
         t0 = time.perf_counter()
-        nll = per_sample_nll(w.module(input_ids=ids).logits, ids)
+        step()
+        sync(args.device)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "peak_gib": peak_gib(args.device)}
+
+
+def planned_gib(args: argparse.Namespace, *extra: str, without_fisher: bool = False) -> float:
+    """``fisherdist plan``'s per-rank total for this one-process run (``without_fisher``: less the Fisher
+    state and the statistics in flight, i.e. the plain step)."""
+    from fisherdist.plan.cli import add_arguments, compute
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    dtype = str(args.dtype).removeprefix("torch.")
+    plan_args = parser.parse_args(["--model", args.model, "--backend", "none", "--gpus-per-node", "1", "--dtype", dtype,
+                                   "--micro-batch", str(args.batch), "--seq", str(args.seq), *extra])
+    doc = compute(plan_args)
+    fisher = doc["per_rank_bytes"]["fisher"] + doc["transient_bytes"]["fisher_in_flight"] if without_fisher else 0
+    return float(doc["per_rank_bytes"]["total"] - fisher) / GIB
+
+
+def engine(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain SGD steps vs steps that also accumulate the diagonal Fisher of the attention / MLP weights."""
+    from fisherdist.distributed.wrap import wrap_model
+    from fisherdist.fisher import FisherAccumulator, FisherSpec
+    from fisherdist.fisher.loss import per_sample_nll
+
+    model = build(args)
+    w = wrap_model(model, "none", lambda ps: torch.optim.SGD(ps, lr=1e-6))
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
+
+    def step(acc: FisherAccumulator | None = None) -> None:
         if acc is None:
-            w.backward(nll.mean())
+            w.backward(per_sample_nll(w.module(input_ids=ids).logits, ids).mean())
         else:
-            with acc.record(ids, loss_scale=1.0 / len(nll)):
-                w.backward(nll.mean())
+            with acc.record(ids, loss_scale=1.0 / args.batch):
+                w.backward(per_sample_nll(w.module(input_ids=ids).logits, ids).mean())
             acc.step()
         w.step()
-        sync(args.device)
-        return time.perf_counter() - t0
 
-    cuda = args.device.startswith("cuda")
-    results: dict[str, object] = {"device": torch.cuda.get_device_name() if cuda else args.device,
-                                  "batch_size": args.batch, "seq_len": args.seq,
-                                  "params": sum(p.numel() for p in model.parameters())}
-    step(None)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    plain = [step(None) for _ in range(args.steps)]
-    results["plain"] = {"median_s": statistics.median(plain),
-                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+    out: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters()), "plain": timed(step, args)}
+    out["plain"]["planned_gib"] = planned_gib(args, "--method", "fisher", "--optimizer", "sgd", "--granularity", "batch",
+                                              without_fisher=True)
     for gran in ("batch", "microbatch", "sample"):
-        try:
-            acc = FisherAccumulator(w, FisherSpec(granularity=gran, params=args.params.split(",")))
-            step(acc)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            times = [step(acc) for _ in range(args.steps)]
-            results[gran] = {"median_s": statistics.median(times),
-                             "ratio": statistics.median(times) / results["plain"]["median_s"],  # type: ignore[index]
-                             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                             "fisher_elements": acc.placement.total_numel()}
-            acc.close()
-            del acc
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory for one granularity: report, continue
-            results[gran] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        if cuda:
-            torch.cuda.empty_cache()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    print(json.dumps(results, indent=1))
+        acc = FisherAccumulator(w, FisherSpec(granularity=gran, params=TARGETS.split(",")))
+        res = timed(lambda acc=acc: step(acc), args)
+        res["ratio"] = res["median_s"] / out["plain"]["median_s"]
+        res["planned_gib"] = planned_gib(args, "--method", "fisher", "--optimizer", "sgd", "--granularity", gran,
+                                         "--params", TARGETS)
+        out[gran] = res
+        acc.close()
+        del acc
+    return out
+
+
+def suv(args: argparse.Namespace) -> dict[str, Any]:
+    """LoRA (r 8, q,k,v,o) AdamW steps, without and with SUV's differential-Fisher log barrier."""
+    from fisherdist.fisher.layout import Fragment
+    from fisherdist.fisher.loss import per_sample_nll
+    from fisherdist.methods.suv.regularizer import FisherBarrier
+    from fisherdist.models.peft_utils import LoraSettings, adapted_modules, apply_lora
+
+    model = apply_lora(build(args), LoraSettings(dropout=0.0))
+    modules = adapted_modules(model)
+    frags, forbid, retain = {}, {}, {}
+    for m in modules:
+        shape = tuple(m.module.base_layer.weight.shape)
+        frags[m.base_weight_fqn] = Fragment(m.base_weight_fqn, shape, 0, shape[0] * shape[1])
+        forbid[m.base_weight_fqn] = torch.rand(shape[0] * shape[1], device=args.device)
+        retain[m.base_weight_fqn] = torch.rand(shape[0] * shape[1], device=args.device)
+    barrier = FisherBarrier.build(modules, forbid, retain, frags, eps1=1e-6, eps2=1e-6)
+    del forbid, retain
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
+
+    def step(regularise: bool) -> None:
+        loss = per_sample_nll(model(input_ids=ids).logits, ids).mean()
+        if regularise:
+            loss = loss + barrier.loss_term(0.1)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out: dict[str, Any] = {"lora": timed(lambda: step(False), args), "lora_suv": timed(lambda: step(True), args)}
+    out["lora_suv"]["ratio"] = out["lora_suv"]["median_s"] / out["lora"]["median_s"]
+    pairs = max(1, args.batch // 2)  # the planner's SUV micro-batch counts preference pairs (2 sequences)
+    out["lora_suv"]["planned_gib"] = planned_gib(args, "--method", "suv", "--micro-batch", str(pairs))
+    return out
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"engine": engine, "suv": suv}
+
+
+def save(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+
+
+def table(doc: dict[str, Any]) -> str:
+    """A Markdown table: every measured case of every section."""
+    lines = ["| section | case | median step (s) | ratio | peak (GiB) | planned (GiB) |", "|---|---|---|---|---|---|"]
+    for section in SECTIONS:
+        for case, r in doc.get(section, {"(missing)": {}}).items():
+            if isinstance(r, dict):
+                cells = [r.get(k) for k in ("median_s", "ratio", "peak_gib", "planned_gib")]
+                text = ["-" if c is None else f"{c:.4g}" for c in cells]
+                lines.append(f"| {section} | {case} | " + " | ".join(text) + " |")
+            else:
+                lines.append(f"| {section} | {case} | {r} | | | |")
+    return "\n".join(lines)
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--section", choices=sorted(SECTIONS))
+    p.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")
+    p.add_argument("--out", default="bench/results/gpu_step.json")
+    p.add_argument("--smoke", action="store_true", help="tiny world model, CPU, 2 steps: the code path in seconds")
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args()
+    smoke = {"model": str(WORLD_MODEL), "device": "cpu", "dtype": torch.float32, "batch": 2, "seq": 16, "steps": 1}
+    full = {"model": "llama-2-7b", "device": "cuda", "dtype": torch.bfloat16, "batch": 4, "seq": 256, "steps": args.steps}
+    for key, value in (smoke if args.smoke else full).items():
+        setattr(args, key, value)
+    if args.smoke:
+        torch.set_num_threads(1)  # a shared CPU: one thread per process is faster than oversubscribing
+    if not args.table and not args.section:
+        p.error("give --section or --table")
+    return args
+
+
+def main() -> None:
+    args = parse()
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    if args.table:
+        print(table(doc))
+        return
+    doc["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu (smoke)"
+    doc[args.section] = {"status": "started"}
+    save(out, doc)
+    doc[args.section] = SECTIONS[args.section](args)
+    save(out, doc)
+    print(json.dumps({args.section: doc[args.section]}, indent=1))
 
 
 if __name__ == "__main__":

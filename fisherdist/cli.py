@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "fisherdist.eval.cli",
     "fisherdist.world.cli",
     "fisherdist.methods.lqlora.cli",
+    "fisherdist.plan.cli",
 ]
 
 
