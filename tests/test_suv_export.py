@@ -3,7 +3,7 @@
 import torch
 
 from fisherdist.distributed.wrap import wrap_model
-from fisherdist.methods.suv.export import export_adapter, gather_trainable
+from fisherdist.models.export import export_adapter, gather_trainable
 from fisherdist.models.peft_utils import LoraSettings, adapted_modules, apply_lora
 
 
@@ -74,7 +74,7 @@ def test_base_copy_or_link(tmp_path):
     """models/base: a loadable full copy, or a symlink to the original (real scale); re-runs replace it."""
     from transformers import AutoModelForCausalLM
 
-    from fisherdist.methods.suv.export import save_base_copy
+    from fisherdist.models.export import save_base_copy
     from tests.tiny_hf import build_model_dir
 
     src = build_model_dir(tmp_path / "src")

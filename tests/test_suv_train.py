@@ -6,7 +6,7 @@ import torch
 
 from fisherdist.fisher.layout import Placement
 from fisherdist.methods.suv.config import TrainSettings
-from fisherdist.methods.suv.export import gather_trainable
+from fisherdist.models.export import gather_trainable
 from fisherdist.methods.suv.train import PairTokens, SuvTrainer
 from tests.distributed import run_distributed
 from tests.fisher_oracle import model_dtype
