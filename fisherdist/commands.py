@@ -40,12 +40,12 @@ def launch(schema: type[C], config: str | Path | None, overrides: Sequence[str],
     return int(run(cfg, dump_config(cfg)) or 0)
 
 
-def config_command(sub: argparse._SubParsersAction, name: str, schema: type[C], run: Run[C], *, help: str,
+def config_command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, schema: type[C], run: Run[C], *, help: str,
                    config_help: str, example: str, argv_head: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """``NAME CONFIG [key=value ...]`` running :func:`launch`; ``argv_head`` is how the command names
     itself when it re-launches (default ``[name]``; nested commands give their full path)."""
     head = list(argv_head) if argv_head is not None else [name]
-    p = sub.add_parser(name, help=help)
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help)
     p.add_argument("config", help=config_help)
     p.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
 

@@ -43,7 +43,7 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     config_command(sub, "fisher", FisherRunConfig, _run, help="estimate a sharded Fisher over a dataset (configs/fisher/tiny.yaml)",
                    config_help="YAML config (see configs/fisher/)", example="dist.backend=fsdp2 dist.nproc=2")
     e = sub.add_parser("export", help="write a Fisher checkpoint as one float32 tensor per parameter (safetensors)")
