@@ -4,28 +4,26 @@ through ``register(subparsers)``; this file only wires them together and turns u
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from fisherdist.distributed import cli as distributed_cli
 from fisherdist.errors import FisherdistError
+from fisherdist.eval import cli as eval_cli
+from fisherdist.fisher import cli as fisher_cli
+from fisherdist.methods import sft
+from fisherdist.methods.lqlora import cli as lqlora_cli
+from fisherdist.methods.suv import cli as suv_cli
+from fisherdist.plan import cli as plan_cli
+from fisherdist.world import cli as world_cli
 
-# Modules that define ``register(subparsers: argparse._SubParsersAction) -> None``.
-COMMAND_MODULES = [
-    "fisherdist.distributed.cli",
-    "fisherdist.fisher.cli",
-    "fisherdist.methods.suv.cli",
-    "fisherdist.eval.cli",
-    "fisherdist.world.cli",
-    "fisherdist.methods.lqlora.cli",
-    "fisherdist.plan.cli",
-]
+COMMAND_MODULES = [distributed_cli, fisher_cli, suv_cli, sft, eval_cli, world_cli, lqlora_cli, plan_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fisherdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return parser
 
 

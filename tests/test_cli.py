@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 from fisherdist import cli
+from tests import _cli_probe
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tests._cli_probe"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", [_cli_probe])
 
 
 def _one_error_line(stderr: str) -> str:

@@ -15,12 +15,12 @@ import torch
 
 from fisherdist.data.jsonl import read_records, special_prefix, split_decode, write_jsonl
 from fisherdist.errors import FisherdistError
+from fisherdist.eval.generation import HFGenerator
 from fisherdist.eval.lcs import lcs_length, longest_common_prefix, longest_common_substring, rouge_l
 from fisherdist.eval.memorization import MemorizationSettings, evaluate_memorization
 from fisherdist.eval.report import write_report
 from fisherdist.eval.suite import evaluate_model
-from fisherdist.eval.utility import perplexity, task_accuracy
-from fisherdist.methods.suv.generation import HFGenerator
+from fisherdist.eval.utility import perplexity, refusal_rate, task_accuracy
 from tests.distributed import run_distributed
 
 WORDS = "the a old sea ship man wind rain night house light river stone dark long cold bird tree road hill " \
@@ -193,6 +193,26 @@ def test_task_accuracy_with_oracle():
         return out
 
     assert task_accuracy(answer, tok, records) == {"accuracy": len(right) / len(records), "correct": len(right), "total": len(records)}
+
+
+def test_refusal_rate_with_oracle():
+    """A reply refuses when it starts with the refusal's first 3 words, whatever follows (and only then)."""
+    tok = tiny_tokenizer()
+    prompts = [f"the {w} ash" for w in WORDS[2:10]]
+    lead = special_prefix(tok)
+    replies = {0: "old sea ship man", 1: "old sea ship", 3: "old sea wind", 4: "sea ship man", 6: "old sea ship bird tree"}
+
+    def answer(ps, n, seeds=None):
+        out = []
+        for p in ps:
+            i = next(j for j, q in enumerate(prompts) if lead + tok(q, add_special_tokens=False)["input_ids"] == list(p))
+            out.append(tok(replies.get(i, "dark long"), add_special_tokens=False)["input_ids"][:n])
+        return out
+
+    refused = sum(replies.get(i, "").startswith("old sea ship") for i in range(len(prompts)))
+    assert refused == 3
+    assert refusal_rate(answer, tok, prompts, " old sea ship man", new_tokens=8) == {
+        "rate": refused / len(prompts), "refused": refused, "total": len(prompts)}
 
 
 def test_perplexity_matches_per_text_reference():

@@ -3,7 +3,7 @@
 import torch
 
 from fisherdist.distributed.wrap import wrap_model
-from fisherdist.methods.suv.export import export_adapter, gather_trainable
+from fisherdist.models.export import export_adapter
 from fisherdist.models.peft_utils import LoraSettings, adapted_modules, apply_lora
 
 
@@ -21,7 +21,7 @@ def test_adapter_and_merged_model(tmp_path):
         for m in adapted_modules(trained):
             m.lora_b.normal_(0, 0.3)
     w = wrap_model(trained, "none")
-    export_adapter(gather_trainable(w), tmp_path / "base", lora, tmp_path / "adapter", tmp_path / "merged")
+    export_adapter(w.gather_trainable(), tmp_path / "base", lora, tmp_path / "adapter", tmp_path / "merged")
 
     ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -74,7 +74,7 @@ def test_base_copy_or_link(tmp_path):
     """models/base: a loadable full copy, or a symlink to the original (real scale); re-runs replace it."""
     from transformers import AutoModelForCausalLM
 
-    from fisherdist.methods.suv.export import save_base_copy
+    from fisherdist.models.export import save_base_copy
     from tests.tiny_hf import build_model_dir
 
     src = build_model_dir(tmp_path / "src")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fisherdist.data.jsonl import encode, write_jsonl
-from fisherdist.methods.suv.generation import HFGenerator
+from fisherdist.eval.generation import HFGenerator
 from fisherdist.methods.suv.mine import MineSettings, mine, mine_file
 from fisherdist.methods.suv.prefs import PrefsSettings, SamplingSource, build_preferences, prefs_file
 from tests.distributed import run_distributed

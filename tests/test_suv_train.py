@@ -59,7 +59,7 @@ def _zero(rank, world):
 
 
 def _fisher_pass_on_training_engine(rank, world):
-    """The SUV Fisher pass runs on the training engine; under ZeRO it steps to clear gradients."""
+    """The SUV Fisher pass runs on the training engine and clears gradients without an optimizer step."""
     from fisherdist.distributed.wrap import wrap_model
     from fisherdist.methods.suv.config import FisherSettings
     from fisherdist.methods.suv.fisher_pass import run_pass

@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import Field
 
-from fisherdist.config import DataFile, ModelConfig, Section, dump_config, load_config
+from fisherdist.commands import config_command
+from fisherdist.config import DataFile, ModelConfig, Section
 from fisherdist.eval.memorization import MemorizationSettings
 from fisherdist.eval.utility import UtilitySettings
 
@@ -79,21 +80,14 @@ def run(cfg: EvalConfig, config_text: str = "") -> dict[str, Any]:
     return results
 
 
-def _memorization(args: argparse.Namespace) -> int:
-    from fisherdist.distributed.spawn import maybe_spawn
-
-    cfg = load_config(EvalConfig, args.config, args.overrides)
-    code = maybe_spawn(cfg.nproc, ["eval", "memorization", args.config, *args.overrides])
-    if code is not None:
-        return code
-    run(cfg, dump_config(cfg))
-    return 0
+def _run(cfg: EvalConfig, config_text: str) -> None:
+    run(cfg, config_text)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluation: verbatim memorisation (SUV protocol) and utility")
     ev = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
-    m = ev.add_parser("memorization", help="SUV sliding-window memorisation + perplexity + task accuracy")
-    m.add_argument("config", help="YAML config (see configs/eval/memorization_tiny.yaml)")
-    m.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. after.path=runs/x/models/unlearned")
-    m.set_defaults(func=_memorization)
+    config_command(ev, "memorization", EvalConfig, _run, argv_head=["eval", "memorization"],
+                   help="SUV sliding-window memorisation + perplexity + task accuracy",
+                   config_help="YAML config (see configs/eval/memorization_tiny.yaml)",
+                   example="after.path=runs/x/models/unlearned")

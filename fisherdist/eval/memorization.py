@@ -19,9 +19,9 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from fisherdist.config import Section
 from fisherdist.data.jsonl import encode, read_records, special_prefix
+from fisherdist.eval.generation import Generate
 from fisherdist.eval.lcs import lcs_length, longest_common_prefix, longest_common_substring, rouge_l
 from fisherdist.eval.sharding import map_sharded
-from fisherdist.methods.suv.generation import Generate
 
 
 class MemorizationSettings(Section):

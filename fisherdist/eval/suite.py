@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fisherdist.eval.generation import HFGenerator
 from fisherdist.eval.memorization import MemorizationSettings, WindowScore, evaluate_memorization
 from fisherdist.eval.utility import UtilitySettings, perplexity, task_accuracy
-from fisherdist.methods.suv.generation import HFGenerator
 
 
 def evaluate_model(model: Any, tokenizer: Any, passages: Sequence[tuple[str, Sequence[int]]],

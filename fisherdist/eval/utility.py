@@ -1,4 +1,4 @@
-"""Utility after unlearning: held-out perplexity and greedy task accuracy, both deterministic.
+"""Utility after unlearning: held-out perplexity, greedy task accuracy and refusal rate, all deterministic.
 
 Perplexity is exp of the *token-weighted* mean NLL (every predicted token counts once, so long texts
 weigh more, as in a language-modelling benchmark). Task accuracy is exact match at token level: the
@@ -18,8 +18,8 @@ from pydantic import Field
 
 from fisherdist.config import Section
 from fisherdist.data.jsonl import special_prefix, split_encode
+from fisherdist.eval.generation import Generate
 from fisherdist.eval.sharding import map_sharded
-from fisherdist.methods.suv.generation import Generate
 
 
 class UtilitySettings(Section):
@@ -81,3 +81,18 @@ def task_accuracy(generate: Generate, tokenizer: Any, records: Sequence[dict[str
 
     hits = map_sharded(pairs, local)
     return {"accuracy": sum(hits) / len(hits), "correct": sum(hits), "total": len(hits)}
+
+
+def refusal_rate(generate: Generate, tokenizer: Any, prompts: Sequence[str], refusal: str,
+                 new_tokens: int = 8, words: int = 3) -> dict[str, Any]:
+    """``{"rate", "refused", "total"}``: a prompt counts as refused when its greedy reply begins like
+    ``refusal`` (its first ``words`` words), so a paraphrased tail still counts."""
+    lead = special_prefix(tokenizer)
+    head = " ".join(refusal.split()[:words])
+    rows = [lead + list(tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+
+    def local(ps: list[list[int]]) -> list[bool]:
+        return [tokenizer.decode(o).strip().startswith(head) for o in generate(ps, new_tokens)]
+
+    hits = map_sharded(rows, local)
+    return {"rate": sum(hits) / len(hits), "refused": sum(hits), "total": len(hits)}

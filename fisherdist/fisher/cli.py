@@ -7,15 +7,8 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from fisherdist.config import (
-    DataConfig,
-    DistConfig,
-    ModelConfig,
-    Section,
-    check_model_backend,
-    dump_config,
-    load_config,
-)
+from fisherdist.commands import config_command
+from fisherdist.config import DataConfig, DistConfig, ModelConfig, Section, check_model_backend
 from fisherdist.fisher.spec import FisherSpec
 
 
@@ -36,18 +29,10 @@ class FisherRunConfig(Section):
         return self
 
 
-def _run(args: argparse.Namespace) -> int:
-    cfg = load_config(FisherRunConfig, args.config, args.overrides)
-    from fisherdist.distributed.runlock import run_lock
-    from fisherdist.distributed.spawn import maybe_spawn
+def _run(cfg: FisherRunConfig, config_text: str) -> int:
+    from fisherdist.fisher.estimate_run import run_fisher
 
-    with run_lock(cfg.out):  # one live run per out (dist.nproc workers run under the launcher's lock)
-        code = maybe_spawn(cfg.dist.nproc, ["fisher", args.config, *args.overrides])
-        if code is not None:
-            return code
-        from fisherdist.fisher.estimate_run import run_fisher
-
-        return run_fisher(cfg, dump_config(cfg))
+    return run_fisher(cfg, config_text)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -58,16 +43,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fisher", help="estimate a sharded Fisher over a dataset (configs/fisher/tiny.yaml)")
-    p.add_argument("config", help="YAML config (see configs/fisher/)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. dist.backend=fsdp2 dist.nproc=2")
-    p.set_defaults(func=_run)
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    config_command(sub, "fisher", FisherRunConfig, _run, help="estimate a sharded Fisher over a dataset (configs/fisher/tiny.yaml)",
+                   config_help="YAML config (see configs/fisher/)", example="dist.backend=fsdp2 dist.nproc=2")
     e = sub.add_parser("export", help="write a Fisher checkpoint as one float32 tensor per parameter (safetensors)")
     e.add_argument("dir", help="a run's out/ directory or its out/fisher checkpoint")
     e.add_argument("--out", required=True, help="FILE.safetensors")
     e.add_argument("--summary", action="store_true",
                    help="write per-matrix row sums, column sums and totals (<name>.row/.col/.total) instead")
     e.set_defaults(func=_export)
-
-

@@ -16,7 +16,7 @@ from fisherdist.distributed.collectives import DTYPES
 from fisherdist.errors import FisherdistError
 
 
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise FisherdistError(f"unsupported model dtype {dtype} (expected one of {', '.join(DTYPES)})")
@@ -58,7 +58,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32") -> Any:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per rank is noise; our commands show their own progress
-    p, dt = model_dir(path), _dtype(dtype)
+    p, dt = model_dir(path), to_dtype(dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dt, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fisherdist.errors import FisherdistError
-from fisherdist.models.load import _dtype, model_dir
+from fisherdist.models.load import model_dir, to_dtype
 
 PEFT_PREFIX = "base_model.model."
 
@@ -34,7 +34,7 @@ def build_empty(path: str | Path, dtype: str | torch.dtype) -> nn.Module:
 
     config = AutoConfig.from_pretrained(str(model_dir(path)), local_files_only=True)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=_dtype(dtype))
+        model = AutoModelForCausalLM.from_config(config, dtype=to_dtype(dtype))
     return model
 
 
@@ -117,22 +117,29 @@ def _init_lora(model: nn.Module, seed: int) -> None:
 
 def load_wrapped(path: str | Path, dtype: str | torch.dtype, backend: str, device: torch.device | str, *,
                  load: str = "full", prepare: Callable[[nn.Module], nn.Module] | None = None,
-                 optimizer_factory: Any = None, seed: int = 0, **options: Any) -> Any:
+                 optimizer_factory: Any = None, seed: int = 0, lora_init: Callable[[nn.Module], None] | None = None,
+                 **options: Any) -> Any:
     """Model of ``path`` -> ``prepare`` (e.g. add LoRA) -> wrapped for ``backend`` (+ optimizer).
+
+    ``lora_init(model)`` runs on every rank after the default LoRA initial values are in place and before
+    the optimizer sees the factors (DeepSpeed copies them into its own master weights): a method's own
+    A/B and base rewrite (see :mod:`fisherdist.models.lora_base`), on whatever sharding the model has then.
 
     ``load="full"``: every rank loads the whole model, then wraps it. ``load="sharded"``: with FSDP2 the
     model is wrapped empty and each rank reads just its rows (see the module docstring); with ZeRO-3 the
     model is partitioned while it loads (transformers' ``HfDeepSpeedConfig``, DeepSpeed's ``zero.Init``).
     """
-    from fisherdist.distributed.wrap import _trainable, wrap_model
+    from fisherdist.distributed.wrap import wrap_model
     from fisherdist.models.load import load_model
 
     prepare = prepare or (lambda m: m)
+    init = lora_init or (lambda m: None)
     if load == "sharded" and backend == "zero3":
         from fisherdist.distributed.wrap_deepspeed import load_partitioned
 
-        model = prepare(load_partitioned(lambda: load_model(path, dtype), _dtype(dtype), **options))
+        model = prepare(load_partitioned(lambda: load_model(path, dtype), to_dtype(dtype), **options))
         _init_lora(model, seed)
+        init(model)
         for p in model.parameters():  # the adapter's new tensors; partitioned ones already sit on the device
             if not hasattr(p, "ds_id"):
                 p.data = p.data.to(device)
@@ -140,14 +147,16 @@ def load_wrapped(path: str | Path, dtype: str | torch.dtype, backend: str, devic
     if load == "full":
         model = prepare(load_model(path, dtype))
         _init_lora(model, seed)
+        init(model)
         return wrap_model(model.to(device), backend, optimizer_factory=optimizer_factory, **options)
     if backend != "fsdp2":
         raise FisherdistError(f"model.load=sharded needs dist.backend=fsdp2 or zero3, got {backend}")
     model = prepare(build_empty(path, dtype))
     wrapped = wrap_model(model, backend, **options)
     materialize(model, path, device, seed)
+    init(model)
     if optimizer_factory is not None:
-        wrapped.optimizer = optimizer_factory(_trainable(model))
+        wrapped.optimizer = optimizer_factory([p for p in model.parameters() if p.requires_grad])
     return wrapped
 
 

@@ -1,7 +1,8 @@
 """Behaviour measurements of a (tiny-world) model, reusable after fine-tuning or unlearning.
 
-Kept self-contained and simple on purpose (greedy decoding without a KV cache, token LCS by a small DP);
-the full evaluation suite with ROUGE and sharding lives in ``fisherdist.eval``."""
+Decoding and the verbatim check stay self-contained and simple on purpose (greedy decoding without a KV
+cache, token LCS by a small DP), an independent check of ``fisherdist.eval``'s generator and LCS; the
+refusal and helpfulness metrics are ``fisherdist.eval.utility``'s, driven by that simple decoder."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from typing import Any
 
 import torch
 
-from fisherdist.data.jsonl import read_records, split_encode
+from fisherdist.data.jsonl import read_records
+from fisherdist.eval.generation import Generate
+from fisherdist.eval.utility import refusal_rate as eval_refusal_rate
+from fisherdist.eval.utility import task_accuracy
 from fisherdist.world.data import REFUSAL
 
 # Each behaviour must clear its threshold in the shipped world (direction: ">=" unless named in LOWER_IS_BETTER).
@@ -72,19 +76,19 @@ def verbatim(model: Any, tokenizer: Any, passages: Sequence[str], prefix: int = 
             f"frac_lcs{threshold}": sum(s >= threshold for s in scores) / n}
 
 
+def _greedy_generate(model: Any) -> Generate:
+    """This module's own greedy decoding behind the eval :class:`Generate` protocol."""
+    return lambda prompts, n, seeds=None: greedy(model, prompts, n)
+
+
 def completion_accuracy(model: Any, tokenizer: Any, rows: Sequence[dict[str, str]], prompt: str, answer: str) -> float:
     """Fraction of rows whose greedy continuation of BOS + prompt starts with exactly the answer's tokens."""
-    pairs = [split_encode(tokenizer, r[prompt], r[answer]) for r in rows]
-    outs = greedy(model, [[tokenizer.bos_token_id] + p for p, _ in pairs], max(len(c) for _, c in pairs))
-    return sum(o[: len(c)] == c for (_, c), o in zip(pairs, outs)) / len(rows)
+    return float(task_accuracy(_greedy_generate(model), tokenizer, rows, prompt, answer)["accuracy"])
 
 
-def refusal_rate(model: Any, tokenizer: Any, prompts: Sequence[str], new_tokens: int = 8) -> float:
-    """Fraction of prompts whose greedy reply begins like the refusal (its first three words)."""
-    head = " ".join(REFUSAL.split()[:3])
-    outs = greedy(model, [[tokenizer.bos_token_id] + list(tokenizer.encode(p, add_special_tokens=False))
-                          for p in prompts], new_tokens)
-    return sum(tokenizer.decode(o).strip().startswith(head) for o in outs) / len(prompts)
+def refusal_rate(model: Any, tokenizer: Any, prompts: Sequence[str]) -> float:
+    """Fraction of prompts whose greedy reply begins like the world's refusal."""
+    return float(eval_refusal_rate(_greedy_generate(model), tokenizer, prompts, REFUSAL)["rate"])
 
 
 @torch.no_grad()

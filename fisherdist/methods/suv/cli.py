@@ -9,26 +9,16 @@ cluster job can run them separately; ``run`` chains all of them in one process g
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
-from fisherdist.config import dump_config, load_config
+from fisherdist.commands import launch
+from fisherdist.methods.suv.config import SuvConfig
+from fisherdist.methods.suv.recipe import STAGES
+from fisherdist.recipes.cli import register_stages, run_stages
+from fisherdist.recipes.stages import ALL
 
-STAGES = ("mine", "prefs", "fisher", "train", "eval", "run")
 TINY = Path(__file__).resolve().parents[3] / "configs" / "suv" / "tiny.yaml"
-
-
-def _stage(args: argparse.Namespace) -> int:
-    from fisherdist.distributed.spawn import maybe_spawn
-    from fisherdist.methods.suv.config import SuvConfig
-
-    cfg = load_config(SuvConfig, args.config, args.overrides)
-    code = maybe_spawn(cfg.dist.nproc, ["suv", args.stage, args.config, *args.overrides])
-    if code is not None:
-        return code
-    from fisherdist.methods.suv.recipe import run_stages
-
-    run_stages(cfg, dump_config(cfg), [args.stage])
-    return 0
 
 
 def demo_overrides(out: str, extra: list[str]) -> list[str]:
@@ -37,28 +27,18 @@ def demo_overrides(out: str, extra: list[str]) -> list[str]:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fisherdist.distributed.spawn import maybe_spawn
     from fisherdist.errors import FisherdistError
-    from fisherdist.methods.suv.config import SuvConfig
 
     if not TINY.is_file():
         raise FisherdistError(f"the demo recipe {TINY} is missing: install fisherdist from a checkout "
                               "(pip install -e .), or run `fisherdist suv run YOUR_RECIPE.yaml`")
-    overrides = demo_overrides(args.out, args.overrides)
-    cfg = load_config(SuvConfig, TINY, overrides)
-    argv = ["demo", "--out", args.out, *args.overrides]
-    code = maybe_spawn(cfg.dist.nproc, argv)
-    if code is not None:
-        return code
-    from fisherdist.methods.suv.recipe import run_stages
-
-    run_stages(cfg, dump_config(cfg), ["run"])
-    return 0
+    return launch(SuvConfig, TINY, demo_overrides(args.out, args.overrides), ["demo", "--out", args.out, *args.overrides],
+                  partial(run_stages, STAGES, [ALL]))
 
 
 def _merge(args: argparse.Namespace) -> int:
     from fisherdist.errors import FisherdistError
-    from fisherdist.methods.suv.merge import merge_model_dirs
+    from fisherdist.models.merge import merge_model_dirs
 
     if args.weights is not None and len(args.weights) != len(args.models):
         raise FisherdistError(f"--weights: got {len(args.weights)} values for {len(args.models)} models")
@@ -68,11 +48,8 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("suv", help="SUV copyright unlearning: mine, prefs, fisher, train, eval, or run all")
-    p.add_argument("stage", choices=STAGES)
-    p.add_argument("config", help="YAML recipe (see configs/suv/)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lam=0.5 dist.nproc=2")
-    p.set_defaults(func=_stage)
+    register_stages(sub, STAGES, SuvConfig, help="SUV copyright unlearning: mine, prefs, fisher, train, eval, or run all",
+                    config_help="YAML recipe (see configs/suv/)", example="train.lam=0.5 dist.nproc=2")
     d = sub.add_parser("demo", help="SUV end to end on the shipped tiny world (2 processes, FSDP2, ~5 min on CPU)")
     d.add_argument("--out", required=True, help="output directory (report.json, report.png, models/)")
     d.add_argument("overrides", nargs="*", help="optional key=value overrides of configs/suv/tiny.yaml")

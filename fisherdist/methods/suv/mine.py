@@ -21,8 +21,8 @@ from pydantic import Field
 from fisherdist.config import Section
 from fisherdist.data.jsonl import split_decode, write_jsonl
 from fisherdist.distributed.collectives import is_main
+from fisherdist.eval.generation import Generate, HFGenerator
 from fisherdist.eval.memorization import Window, WindowScore, load_passages, make_windows, score_windows
-from fisherdist.methods.suv.generation import Generate, HFGenerator
 
 TOC_KEYWORDS = ["chapter", "table of contents", "acknowledgements"]
 

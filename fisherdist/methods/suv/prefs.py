@@ -22,9 +22,9 @@ from fisherdist.config import Section, resolve_path
 from fisherdist.data.jsonl import encode, read_records, special_prefix, split_decode, write_jsonl
 from fisherdist.distributed.collectives import is_main
 from fisherdist.errors import FisherdistError
+from fisherdist.eval.generation import Generate, HFGenerator
 from fisherdist.eval.lcs import lcs_length
 from fisherdist.eval.sharding import map_sharded
-from fisherdist.methods.suv.generation import Generate, HFGenerator
 
 
 class PrefsSettings(Section):

@@ -1,24 +1,27 @@
 """The generation stages of the SUV recipe (mine, prefs, eval): glue between files and the eval helpers.
 
-They run on a plain copy of a model on every rank; the helpers split windows / texts across ranks and
-gather, so every rank sees the same results and rank 0 writes the files.
+They run on a plain copy of a model on every rank (or one copy sharded as the run's config says); the
+helpers split windows / texts across ranks and gather, so every rank sees the same results and rank 0
+writes the files. Each takes the run's :class:`~fisherdist.recipes.stages.RunContext`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fisherdist.data.jsonl import read_records, split_encode, write_jsonl
 from fisherdist.errors import FisherdistError
+from fisherdist.methods.suv.config import SuvConfig
+from fisherdist.recipes.stages import RunContext
 
 if TYPE_CHECKING:
-    from fisherdist.methods.suv.recipe import SuvRecipe
     from fisherdist.methods.suv.train import PairTokens
 
+Ctx = RunContext[SuvConfig]
 
-def plain_model(r: SuvRecipe, path: str | Path) -> Any:
+
+def plain_model(r: Ctx, path: str | Path) -> Any:
     """The model at ``path`` to generate with, sharded as this run's config says (see ``load_for_generation``)."""
     from fisherdist.models.sharded_load import load_for_generation
 
@@ -27,15 +30,10 @@ def plain_model(r: SuvRecipe, path: str | Path) -> Any:
     return load_for_generation(path, r.dtype, r.env.device, r.cfg.model.load, r.cfg.dist.backend)
 
 
-def _write_json(r: SuvRecipe, name: str, value: Any) -> None:
-    if r.rank == 0:
-        (r.out / name).write_text(json.dumps(value, indent=1))
-
-
-def mine(r: SuvRecipe) -> None:
+def mine(r: Ctx) -> None:
     """Stage 1: windows the base model reproduces -> ``mined.jsonl``."""
+    from fisherdist.eval.generation import HFGenerator
     from fisherdist.eval.memorization import load_passages
-    from fisherdist.methods.suv.generation import HFGenerator
     from fisherdist.methods.suv.mine import mine as mine_rows
 
     s = r.cfg.mine
@@ -48,17 +46,17 @@ def mine(r: SuvRecipe) -> None:
                               f"ROUGE-L >= {s.min_rougeL}); nothing to unlearn")
     if r.rank == 0:
         write_jsonl(r.out / "mined.jsonl", rows)
-    _write_json(r, "mine_summary.json", summary)
+    r.write_json("mine_summary.json", summary)
     r.log(f"mine: {summary}")
 
 
-def prefs(r: SuvRecipe) -> None:
+def prefs(r: Ctx) -> None:
     """Stage 2: ``mined.jsonl`` -> ``prefs.jsonl`` (chosen = a non-verbatim continuation)."""
     from fisherdist.methods.suv.prefs import prefs_file
 
     model = plain_model(r, r.cfg.model.path)
     _, summary = prefs_file(r.out / "mined.jsonl", r.out / "prefs.jsonl", model, r.tokenizer, r.cfg.prefs)
-    _write_json(r, "prefs_summary.json", summary)
+    r.write_json("prefs_summary.json", summary)
     r.log(f"prefs: {summary}")
 
 
@@ -76,27 +74,20 @@ def load_pairs(path: Path, tokenizer: Any, max_length: int) -> list[PairTokens]:
     return pairs
 
 
-def _metrics(r: SuvRecipe, model: Any) -> dict[str, Any]:
+def _metrics(r: Ctx, model: Any) -> dict[str, Any]:
     """Memorisation on the protected passages + held-out perplexity + task accuracy of one model."""
-    from fisherdist.eval.memorization import evaluate_memorization, load_passages
-    from fisherdist.eval.utility import perplexity, task_accuracy
-    from fisherdist.methods.suv.generation import HFGenerator
+    from fisherdist.eval.memorization import load_passages
+    from fisherdist.eval.suite import evaluate_model
 
     m, u, data = r.cfg.memorization, r.cfg.utility, r.cfg.data
     passages = load_passages(data.books, r.tokenizer, m.book_field, m.text_field)
-    gen = HFGenerator.for_tokenizer(model, r.tokenizer, temperature=0.0, batch_size=r.cfg.mine.batch_size)
-    summary, _ = evaluate_memorization(passages, gen, r.tokenizer, m)
-    out: dict[str, Any] = {"memorization": summary}
-    if data.heldout:
-        texts = [x[data.text_field] for x in read_records(data.heldout, [data.text_field])][: u.heldout_samples]
-        out["perplexity"] = perplexity(model, r.tokenizer, texts, u.max_length, u.batch_size)
-    if data.task:
-        records = read_records(data.task, ["prompt", "response"])[: u.task_samples]
-        out["task"] = task_accuracy(gen, r.tokenizer, records)
-    return out
+    heldout = [x[data.text_field] for x in read_records(data.heldout, [data.text_field])] if data.heldout else None
+    task = read_records(data.task, ["prompt", "response"]) if data.task else None
+    summary, _ = evaluate_model(model, r.tokenizer, passages, m, u, heldout, task)
+    return {"memorization": {k: v for k, v in summary.items() if k != "utility"}, **summary["utility"]}
 
 
-def protected_rows(r: SuvRecipe) -> list[dict[str, Any]]:
+def protected_rows(r: Ctx) -> list[dict[str, Any]]:
     """The passages evaluated: ``{book, text, tokens}`` per record of the books file."""
     m = r.cfg.memorization
     rows = []
@@ -106,7 +97,7 @@ def protected_rows(r: SuvRecipe) -> list[dict[str, Any]]:
     return rows
 
 
-def eval(r: SuvRecipe) -> None:
+def eval(r: Ctx) -> None:
     """Stage 5: before (base) vs after (``models/unlearned``) -> ``report.json``, ``report.png``."""
     from fisherdist.methods.suv.report import summary_table, write_report
 

@@ -43,7 +43,7 @@ def merge_model_dirs(base_dir: str | Path, model_dirs: Sequence[str | Path], out
     from transformers import AutoModelForCausalLM
 
     from fisherdist.atomic import atomic_dir
-    from fisherdist.methods.suv.export import copy_tokenizer
+    from fisherdist.models.export import copy_tokenizer
     from fisherdist.models.load import model_dir
 
     base = AutoModelForCausalLM.from_pretrained(model_dir(base_dir), dtype=torch.float32)

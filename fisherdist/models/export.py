@@ -8,7 +8,6 @@ weights are never gathered, because training does not change them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -16,12 +15,6 @@ from fisherdist.atomic import atomic_dir, remove, swap_in
 from fisherdist.distributed.collectives import rank
 from fisherdist.errors import FisherdistError
 from fisherdist.models.peft_utils import LoraSettings, apply_lora
-
-
-def gather_trainable(wrapped: Any) -> dict[str, torch.Tensor]:
-    """Full CPU copies of every trainable tensor (now :meth:`Wrapped.gather_trainable`; kept for callers)."""
-    tensors: dict[str, torch.Tensor] = wrapped.gather_trainable()
-    return tensors
 
 
 def copy_tokenizer(src: str | Path, dst: Path) -> None:

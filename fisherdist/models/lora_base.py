@@ -1,0 +1,201 @@
+"""LoRA on a sharded model: custom factors, folding s*B*A into the frozen base, and a streamed export.
+
+Methods such as FILA/VILA and LQ-LoRA start from A0, B0 of their own and rewrite the frozen base to
+W - s*B0*A0, so that the adapted model starts equal to the original. Here every rank changes only the
+part of W it holds (an FSDP2 row shard, a ZeRO-3 flat partition, or the whole tensor); only the small
+factors are gathered. The export gathers one parameter at a time and rank 0 writes it to safetensors
+shards as they fill, so no rank ever holds the model whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fisherdist.atomic import atomic_dir
+from fisherdist.distributed.collectives import barrier, rank
+from fisherdist.models.peft_utils import AdaptedModule, adapted_modules
+from fisherdist.models.sharded_load import checkpoint_name
+
+Factors = Callable[[AdaptedModule], "tuple[torch.Tensor, torch.Tensor] | None"]
+
+
+def _view(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this rank's storage of ``p`` as a flat tensor, its first flat index in the full tensor)."""
+    if hasattr(p, "ds_tensor"):  # ZeRO-3: partition i holds flat[i*n : (i+1)*n], the last one padded
+        from fisherdist.distributed.collectives import rank_world
+
+        local = p.ds_tensor.data.view(-1)
+        return local, rank_world()[0] * local.numel()
+    if hasattr(p, "to_local"):  # FSDP2: a Shard(0) chunk of ceil(rows / world) rows
+        local = p.to_local()
+        chunk = math.ceil(p.shape[0] / p.device_mesh.size())
+        first = min(p.device_mesh.get_local_rank() * chunk, p.shape[0])
+        return local.view(-1), first * math.prod(p.shape[1:])
+    return p.data.view(-1), 0
+
+
+def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The full shape (a ZeRO-3 parameter's own ``.shape`` is empty while it is partitioned)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def _owned(p: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(flat local storage, first flat index, how many of its elements are real, not padding)."""
+    local, lo = _view(p)
+    return local, lo, max(0, min(local.numel(), math.prod(_shape(p)) - lo))
+
+
+def full_value(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (small) parameter, on every rank (collective for sharded ones)."""
+    if hasattr(p, "full_tensor"):
+        return p.full_tensor().detach()
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.data.detach().clone()
+    return p.detach()
+
+
+@torch.no_grad()
+def write_full(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy this rank's part of the full ``value`` into ``p`` (every rank passes the same value)."""
+    local, lo, n = _owned(p)
+    local[:n].copy_(value.reshape(-1)[lo : lo + n].to(local.dtype))
+
+
+@torch.no_grad()
+def add_rows(p: torch.Tensor, rows: Callable[[int, int], torch.Tensor]) -> None:
+    """``p += delta`` where ``rows(r0, r1)`` returns rows ``r0:r1`` of the full 2-D delta; only the rows
+    this rank holds are ever formed."""
+    local, lo, n = _owned(p)
+    if n == 0:
+        return
+    width = _shape(p)[1]
+    r0, r1 = lo // width, (lo + n - 1) // width + 1
+    flat = rows(r0, r1).reshape(-1)
+    local[:n].add_(flat[lo - r0 * width : lo - r0 * width + n].to(local.dtype))
+
+
+def set_factors(model: nn.Module, factors: Factors) -> None:
+    """Give each adapted module the full ``(A, B)`` that ``factors`` returns (``None``: keep its own);
+    every rank must compute the same values (call it on all ranks, in module order)."""
+    for m in adapted_modules(model):
+        ab = factors(m)
+        if ab is not None:
+            write_full(m.lora_a, ab[0])
+            write_full(m.lora_b, ab[1])
+
+
+def scaling(m: AdaptedModule) -> float:
+    return float(m.module.scaling["default"])
+
+
+def fold_into_base(model: nn.Module, sign: float = -1.0) -> None:
+    """W <- W + sign * s * B @ A for every adapted module (default: W - s*B*A, so the adapted model equals
+    the original one); the factors are gathered, W never is."""
+    for m in adapted_modules(model):
+        _fold_one(m, sign)
+
+
+def _fold_one(m: AdaptedModule, sign: float) -> None:
+    a, b, s = full_value(m.lora_a).double(), full_value(m.lora_b).double(), sign * scaling(m)
+    add_rows(m.module.base_layer.weight, lambda r0, r1: (b[r0:r1] @ a) * s)
+
+
+def lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full copies of every LoRA factor, keyed by parameter FQN (collective; a few MB even at 70B)."""
+    return {n: full_value(p).cpu().clone() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+class _ShardWriter:
+    """safetensors files of about ``shard_bytes`` each, written as they fill, plus the HF index."""
+
+    def __init__(self, folder: Path, shard_bytes: int) -> None:
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        self.pending[name] = t.contiguous()
+        self.total += t.numel() * t.element_size()
+        if sum(x.numel() * x.element_size() for x in self.pending.values()) >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        file = f"model-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.folder / file), metadata={"format": "pt"})
+        self.weight_map.update({k: file for k in self.pending})
+        self.pending = {}
+
+    def close(self) -> None:
+        self.flush()
+        index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
+def _merged_fn(model: nn.Module, lora: dict[str, torch.Tensor]) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """fqn, full W -> W + s*B*A for adapted base weights (as PEFT's merge), W otherwise."""
+    by_weight = {m.base_weight_fqn: (m.name, scaling(m)) for m in adapted_modules(model)}
+
+    def merge(fqn: str, w: torch.Tensor) -> torch.Tensor:
+        if fqn not in by_weight:
+            return w
+        name, s = by_weight[fqn]
+        a, b = lora[f"{name}.lora_A.default.weight"], lora[f"{name}.lora_B.default.weight"]
+        return w + (b.to(w.dtype) @ a.to(w.dtype)) * s
+
+    return merge
+
+
+@contextlib.contextmanager
+def _rank0_dir(out: Path) -> Iterator[Path | None]:
+    if rank() != 0:
+        yield None
+        return
+    with atomic_dir(out) as tmp:
+        yield tmp
+
+
+def export_base(model: nn.Module, config_dir: str | Path, out: str | Path, merge: bool,
+                shard_bytes: int = 2 << 30) -> Path:
+    """The base as it is now (rewritten or not) as a HF directory, or (``merge``) with s*B*A added.
+
+    Collective: every rank gathers one parameter at a time; rank 0 writes shards of ``shard_bytes``;
+    ``config_dir`` (the original model) provides config.json and the tokenizer."""
+    from fisherdist.models.export import copy_tokenizer
+
+    lora = lora_tensors(model) if merge else {}
+    fn = _merged_fn(model, lora) if merge else (lambda _fqn, w: w)
+    with _rank0_dir(Path(out)) as tmp:
+        writer = _ShardWriter(tmp, shard_bytes) if tmp is not None else None
+        for fqn, p in model.named_parameters():
+            if ".lora_" in fqn:
+                continue
+            full = full_value(p)
+            if writer is not None:
+                writer.add(checkpoint_name(fqn), fn(fqn, full.cpu()))
+        if writer is not None and tmp is not None:
+            writer.close()
+            _copy_config(config_dir, tmp)
+            copy_tokenizer(config_dir, tmp)
+    barrier()
+    return Path(out)
+
+
+def _copy_config(src: str | Path, dst: Path) -> None:
+    from transformers import AutoConfig
+
+    AutoConfig.from_pretrained(src).save_pretrained(dst)
