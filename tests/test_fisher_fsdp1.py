@@ -57,7 +57,7 @@ def _all_cases(rank: int, world: int) -> tuple[list[dict], dict[str, torch.Tenso
 
 
 def test_fsdp1_matches_oracle():
-    out = run_distributed(_all_cases, 2, timeout=200)
+    out = run_distributed(_all_cases, 2, timeout=600)  # generous: the CI machine is shared
     results = [r[0] for r in out]
     # the fused hook still hands FSDP1 the rank-averaged gradient (pre/post divide factors honoured)
     ids, labels = dataset(2 * MB)
