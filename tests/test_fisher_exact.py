@@ -9,12 +9,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from fisherdist.config import Section, load_config
 from fisherdist.distributed.wrap import wrap_model
+from fisherdist.errors import ConfigError
 from fisherdist.fisher import FisherAccumulator, FisherSpec
 from fisherdist.fisher.checkpoint import load_fisher, save_fisher
-from fisherdist.config import Section, load_config
-from fisherdist.errors import ConfigError
-from fisherdist.fisher.export import export_safetensors
 from tests.fisher_oracle import dataset, exact_true_fisher, mean_token_nll, micro_batches, oracle, tiny_llama, units
 from tests.test_fisher_engine import FULL, LORA_TARGETS, MB, _check, assert_rel_close, build, feed, run_engine
 

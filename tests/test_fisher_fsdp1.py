@@ -42,12 +42,13 @@ def _reduced_grads(rank: int, world: int) -> dict[str, torch.Tensor]:
     with acc.record(labels[idx]):
         per_sample_nll(w.module(input_ids=ids[idx]).logits, labels[idx]).mean().backward()
     out = {}
+    grads = acc.backend.placement(acc.targets)  # FSDP's flat shard (the statistics use balanced chunks)
     for fqn, p in acc.targets.items():
-        start, numel = acc.placement.ranges[fqn][rank]
-        full = torch.zeros(torch.Size(acc.placement.shapes[fqn]).numel(), dtype=torch.float64)
+        start, numel = grads.ranges[fqn][rank]
+        full = torch.zeros(torch.Size(grads.shapes[fqn]).numel(), dtype=torch.float64)
         full[start : start + numel] = acc.backend.reduced_grad(fqn, p)
         dist.all_reduce(full)
-        out[fqn] = full.reshape(acc.placement.shapes[fqn])
+        out[fqn] = full.reshape(grads.shapes[fqn])
     acc.close()
     return out
 
@@ -57,7 +58,7 @@ def _all_cases(rank: int, world: int) -> tuple[list[dict], dict[str, torch.Tenso
 
 
 def test_fsdp1_matches_oracle():
-    out = run_distributed(_all_cases, 2, timeout=200)
+    out = run_distributed(_all_cases, 2, timeout=600)  # generous: the CI machine is shared
     results = [r[0] for r in out]
     # the fused hook still hands FSDP1 the rank-averaged gradient (pre/post divide factors honoured)
     ids, labels = dataset(2 * MB)
