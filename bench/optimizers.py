@@ -115,7 +115,7 @@ def curve(name: str, rank: int, train: list[torch.Tensor], heldout: list[torch.T
         opt.step()
         times.append(time.perf_counter() - start)
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     with torch.no_grad():
         held = statistics.mean(float(lm_loss(model, ids)) for ids in heldout)
     return {"optimizer": name, "rank": rank, "losses": losses, "heldout_loss": held,
@@ -199,10 +199,11 @@ def plot(curves: dict[str, dict[str, Any]], out: Path) -> None:
     for name, c in curves.items():
         smooth = [statistics.mean(c["losses"][max(0, i - 9): i + 1]) for i in range(len(c["losses"]))]
         mib = sum(c["state_bytes"].values()) / 2 ** 20
-        ax.plot(smooth, label=f"{name} (rank {c['rank']}, state {mib:.1f} MiB)")
+        rank = "" if name == "adamw" else f"rank {c['rank']}, "
+        ax.plot(smooth, label=f"{name} ({rank}state {mib:.1f} MiB)")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (10-step mean)")
-    ax.set_title("tiny-world Llama pre-training, equal steps")
+    ax.set_title("tiny-world Llama pre-training, equal steps (galore_torch lies under galore)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
