@@ -152,13 +152,14 @@ def main() -> None:
         for backend in per_rank[0]:
             worst = max(per_rank, key=lambda r: r[backend]["peak_stats"])[backend]
             results[f"{backend}/{world}"] = {**worst, "per_rank_peak": [r[backend]["peak_stats"] for r in per_rank]}
-            print(f"{backend}/{world}: " + ", ".join(f"{k} {v / MB:.1f} MiB" for k, v in worst.items()), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"title": "Fisher statistics memory per rank", "machine": machine(),
-                               "model": BENCH_MODEL, "bucket_mb": args.bucket_mb, "results": results}, indent=1))
-    _plot(results, out)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+            print(f"{backend}/{world}: " + ", ".join(f"{k} {v / MB:.1f} MiB" for k, v in worst.items()
+                                                      if isinstance(v, int)), flush=True)
+        out = Path(args.out)  # written after every world size, so a long run leaves what it measured
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"title": "Fisher statistics memory per rank", "machine": machine(),
+                                   "model": BENCH_MODEL, "bucket_mb": args.bucket_mb, "results": results}, indent=1))
+        _plot(results, out)
+        print(f"wrote {out} and {out.with_suffix('.png')}", flush=True)
 
 
 if __name__ == "__main__":
