@@ -119,3 +119,19 @@ def test_preempted_run_resumes_to_the_plain_loop(tmp_path: Path, capsys: pytest.
     for a, b in zip(model.parameters(), want.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_add_full_grad_single_process() -> None:
+    """The extra-gradient path on a plain model: added to an existing gradient, or becomes the gradient."""
+    from fisherdist.distributed.wrap import wrap_model
+
+    model = _model()
+    w = wrap_model(model, "none")
+    ((model(X) - Y) ** 2).sum().backward()
+    before = model.weight.grad.clone()
+    extra = torch.randn(model.weight.numel(), dtype=torch.float64)  # flat: reshaped to the parameter
+    w.add_full_grad(model.weight, extra)
+    torch.testing.assert_close(model.weight.grad, before + extra.view(1, 3), rtol=0, atol=0)
+    model.bias.grad = None
+    w.add_full_grad(model.bias, torch.ones(1, dtype=torch.float64))
+    assert model.bias.grad.tolist() == [1.0]

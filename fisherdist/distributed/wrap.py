@@ -124,15 +124,6 @@ class Wrapped:
             raise FisherdistError(f"max_grad_norm={max_norm} but the DeepSpeed config has gradient_clipping={configured}; "
                                   "set deepspeed.gradient_clipping to the same value")
 
-    def get_full_grad(self, param: torch.Tensor) -> torch.Tensor:
-        """The whole reduced gradient of ``param`` (DeepSpeed: assembled from its partitions)."""
-        if self.engine_owns_grads:
-            from fisherdist.distributed.wrap_deepspeed import full_grad
-
-            return full_grad(param)
-        grad = param.grad if param.grad is not None else torch.zeros_like(param)
-        return grad.full_tensor() if isinstance(grad, DTensor) else grad
-
     def add_full_grad(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         """Add a full-size ``grad`` to ``param``'s reduced gradient (after ``backward``, before ``step``):
         the path for terms computed outside the forward, e.g. under ZeRO-3."""

@@ -131,10 +131,6 @@ class SuvTrainer(TrainHook):
         self._lam, self._dpo_value = 0.0, torch.zeros(())
         self._reg = torch.zeros((), dtype=torch.float64)
 
-    @property
-    def total_steps(self) -> int:
-        return self.trainer.plan.total_steps
-
     def run(self, progress: bool = True) -> list[dict[str, Any]]:
         """All epochs; returns the per-step log (identical on every rank)."""
         return self.trainer.run(progress)
