@@ -111,7 +111,7 @@ def _agl(m: ModelShapes, params: list[str], gran: str, r: int) -> MethodModel:
 
 
 def _ngalore(m: ModelShapes, params: list[str], gran: str, r: int) -> MethodModel:
-    mats = {f: s for f, s in select(m.shapes, ["*attn*", "*mlp*"]).items() if len(s) == 2}
+    mats: Shapes = {f: s for f, s in select(m.shapes, ["*attn*", "*mlp*"]).items() if len(s) == 2}
     # per (m x n) matrix, fp32: projector P (m x r) and Adam m, v (r x n); the history s x r x n
     rank = {f: min(s[0], r) for f, s in mats.items()}
     opt = {f: 4 * rank[f] * (s[0] + 2 * s[1]) for f, s in mats.items()}
