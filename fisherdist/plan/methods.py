@@ -11,6 +11,7 @@ import fnmatch
 import math
 from dataclasses import dataclass, field
 
+from fisherdist.errors import ConfigError
 from fisherdist.plan.model import ModelShapes
 
 Shapes = dict[str, tuple[int, ...]]
@@ -61,6 +62,10 @@ def lora_factors(base: Shapes, r: int) -> Shapes:
 
 
 def _fisher(m: ModelShapes, params: list[str], gran: str, r: int) -> MethodModel:
+    for pattern in params:  # the engine refuses a pattern that matches nothing (fisher.targets): so does the plan
+        if not select(m.shapes, [pattern]):
+            raise ConfigError(f"--params: pattern {pattern!r} matches no parameter of {m.name} "
+                              f"(names look like {', '.join(list(m.shapes)[:2])}, ...)")
     return MethodModel(dict(m.shapes), {}, select(m.shapes, params), 1, 1, gran, "none",
                        assumptions=["fisher: a Fisher pass (empirical estimator, one float32 'sq' buffer per target "
                                     "element); every parameter is trainable so microbatch/batch statistics exist"])
