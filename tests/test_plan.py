@@ -144,6 +144,7 @@ def test_local_config_directory_and_a_table(capsys, tmp_path):
     (["--model", "llama-2-7b", "--backend", "fsdp3"], "--backend"),
     (["--model", "llama-2-7b", "--gpu-memory", "lots"], "--gpu-memory"),
     (["--model", "llama-2-7b", "--dtype", "int3"], "--dtype"),
+    (["--model", "llama-2-7b", "--params", "*.weight,*q_proj.bias"], "--params"),
 ])
 def test_bad_input_is_one_line_and_status_2(capsys, args, where):
     assert main(["plan", *args]) == 2

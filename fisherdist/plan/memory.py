@@ -118,7 +118,7 @@ def activations(job: Job, mm: MethodModel) -> int:
     plus the logits, their float32 upcast in the loss and its gradient."""
     cfg = job.model.config
     tokens = job.micro_batch * mm.sequences_per_sample * job.seq
-    h, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    h, layers, vocab = int(cfg.hidden_size), int(cfg.num_hidden_layers), int(cfg.vocab_size)
     return tokens * (layers * h * job.dtype_bytes + 17 * h * job.dtype_bytes + vocab * (job.dtype_bytes + 8))
 
 

@@ -11,6 +11,7 @@ import fnmatch
 import math
 from dataclasses import dataclass, field
 
+from fisherdist.errors import ConfigError
 from fisherdist.plan.model import ModelShapes
 
 Shapes = dict[str, tuple[int, ...]]
@@ -61,6 +62,10 @@ def lora_factors(base: Shapes, r: int) -> Shapes:
 
 
 def _fisher(m: ModelShapes, params: list[str], gran: str, r: int) -> MethodModel:
+    for pattern in params:  # the engine refuses a pattern that matches nothing (fisher.targets): so does the plan
+        if not select(m.shapes, [pattern]):
+            raise ConfigError(f"--params: pattern {pattern!r} matches no parameter of {m.name} "
+                              f"(names look like {', '.join(list(m.shapes)[:2])}, ...)")
     return MethodModel(dict(m.shapes), {}, select(m.shapes, params), 1, 1, gran, "none",
                        assumptions=["fisher: a Fisher pass (empirical estimator, one float32 'sq' buffer per target "
                                     "element); every parameter is trainable so microbatch/batch statistics exist"])
@@ -111,7 +116,7 @@ def _agl(m: ModelShapes, params: list[str], gran: str, r: int) -> MethodModel:
 
 
 def _ngalore(m: ModelShapes, params: list[str], gran: str, r: int) -> MethodModel:
-    mats = {f: s for f, s in select(m.shapes, ["*attn*", "*mlp*"]).items() if len(s) == 2}
+    mats: Shapes = {f: s for f, s in select(m.shapes, ["*attn*", "*mlp*"]).items() if len(s) == 2}
     # per (m x n) matrix, fp32: projector P (m x r) and Adam m, v (r x n); the history s x r x n
     rank = {f: min(s[0], r) for f, s in mats.items()}
     opt = {f: 4 * rank[f] * (s[0] + 2 * s[1]) for f, s in mats.items()}

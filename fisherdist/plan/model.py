@@ -73,7 +73,7 @@ def load_model(name_or_path: str) -> ModelShapes:
         config = AutoConfig.for_model(**raw)
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"--model: {name}: transformers cannot build a causal LM from this config ({err})") from err
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
