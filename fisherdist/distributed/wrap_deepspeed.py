@@ -8,6 +8,7 @@ bf16 models run DeepSpeed's bf16 mode, everything else its fp32 mode (fp16 is no
 
 from __future__ import annotations
 
+import inspect
 import os
 import weakref
 from collections.abc import Callable
@@ -190,7 +191,9 @@ def _ensure_optimizer_state(zero_opt: Any) -> list[torch.Tensor]:
     same-class optimizer), so checkpoint values can be written into it before training has stepped."""
     inner = zero_opt.optimizer
     flats = _flat_partitions(zero_opt)
-    hyper = {k: v for k, v in inner.param_groups[0].items() if k != "params"} if inner.param_groups else dict(inner.defaults)
+    accepted = inspect.signature(type(inner)).parameters  # a group also holds keys its constructor does not take
+    group = inner.param_groups[0] if inner.param_groups else inner.defaults
+    hyper = {k: v for k, v in group.items() if k in accepted and k not in ("params", "lr")}
     for flat in flats:
         if inner.state.get(flat):
             continue
