@@ -72,7 +72,8 @@ def open_run(cfg: C, config_text: str) -> RunContext[C]:
     """Join the process group, create ``out`` with the resolved ``config.yaml``, load the tokenizer."""
     from fisherdist.distributed.env import init_distributed
 
-    env = init_distributed()
+    dist_cfg = getattr(cfg, "dist", None)
+    env = init_distributed(timeout_s=dist_cfg.timeout_s if dist_cfg is not None else None)
     if env.rank == 0:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "config.yaml").write_text(config_text)

@@ -20,10 +20,10 @@ from fisherdist.distributed.wrap import Wrapped
 from fisherdist.errors import ConfigError
 from fisherdist.fisher.loss import per_sample_nll
 from fisherdist.methods.suv.config import TrainSettings
-from fisherdist.methods.suv.dpo import collate_pairs, dpo_loss, reference_logprobs, sequence_logprobs
 from fisherdist.methods.suv.projection import RetainProjector
 from fisherdist.methods.suv.regularizer import FisherBarrier
 from fisherdist.methods.suv.schedule import LambdaSchedule
+from fisherdist.recipes.losses import collate_pairs, dpo_loss, reference_logprobs, sequence_logprobs
 from fisherdist.recipes.trainer import StepBatch, Trainer, TrainHook
 
 
