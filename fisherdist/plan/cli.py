@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from fisherdist.errors import ConfigError
+from fisherdist.fisher.comm import DEFAULT_BUCKET_MB
 from fisherdist.plan.layout import BACKENDS
 
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2, "fp32": 4, "float32": 4, "float": 4,
@@ -51,7 +52,7 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     gpu = parse_bytes(args.gpu_memory)
     model = load_model(args.model)
     world = args.nodes * args.gpus_per_node
-    bucket = int(args.bucket_mb * 2**20) if args.bucket_mb else None
+    bucket = int(args.bucket_mb * 2**20)
     job = Job(model, args.backend, world, DTYPE_BYTES[args.dtype.lower()], args.micro_batch, args.seq, bucket)
     mm = method_model(args.method, model, args.params.split(","), args.granularity, args.lora_r)
     if args.optimizer:
@@ -113,9 +114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (Natural GaLore: projection rank)")
     p.add_argument("--optimizer", default=None, choices=("adamw", "sgd", "none"),
                    help="override the method's optimizer (fisher: none; LoRA methods: adamw)")
-    p.add_argument("--bucket-mb", type=float, default=None,
-                   help="ZeRO: model statistics streamed through a bucket of this many MiB (default: the engine "
-                        "holds every target's statistics until acc.step())")
+    p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB,
+                   help="ZeRO: statistics streamed to their owners through buckets of this many MiB "
+                        "(the engine's fisher.bucket_mb)")
     p.add_argument("--gpu-memory", default="80GiB")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
