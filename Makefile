@@ -2,7 +2,7 @@
 #
 #   make install   create $(VENV) and install fisherdist with its test extras (once; again if pyproject.toml changes)
 #   make test      run the test suite
-#   make lint      ruff on the package, mypy --strict on fisher/ and distributed/ (pyproject.toml)
+#   make lint      ruff on the package, mypy --strict on fisher/, distributed/, optim/, plan/ (pyproject.toml)
 #   make demo      the main job on the built-in tiny world (2 local processes, CPU)   -> runs/demo
 #   make world     rebuild the tiny world from the bundled texts                      -> runs/world
 #
