@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fisherdist.distributed.collectives import assign_owners as balance
 from fisherdist.errors import FisherdistError
 from fisherdist.methods.lqlora.decompose import lq_decompose, weighted_lowrank
 from fisherdist.methods.lqlora.fisher_weights import FisherWeights, load_summaries
-from fisherdist.methods.lqlora.placement import balance
 from fisherdist.models.quant import QConfig
 
 

@@ -6,6 +6,8 @@ engine do not each keep their own copy (a single process behaves as rank 0 of a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -48,3 +50,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def assign_owners(work: Sequence[float], world: int) -> list[int]:
+    """Owner rank of each item when whole items are split across ranks (whole matrices for an optimizer or
+    a decomposition): longest-processing-time greedy, largest first onto the least-loaded rank, ties to the
+    lower rank and index, so every rank computes the same answer; within 4/3 of the best maximum load."""
+    load = [0.0] * world
+    owner = [0] * len(work)
+    for i in sorted(range(len(work)), key=lambda i: (-work[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += work[i]
+    return owner

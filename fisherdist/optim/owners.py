@@ -14,17 +14,6 @@ import torch
 import torch.distributed as dist
 
 
-def assign(sizes: Sequence[int], world: int) -> list[int]:
-    """Owner rank per parameter: largest first onto the least-loaded rank (ties: lower rank, lower index)."""
-    load = [0] * world
-    owner = [0] * len(sizes)
-    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        target = min(range(world), key=lambda r: (load[r], r))
-        owner[index] = target
-        load[target] += sizes[index]
-    return owner
-
-
 def exchange(params: Sequence[torch.Tensor], owner: Sequence[int], me: int, world: int) -> None:
     """Copy every owner's parameter values to all ranks: one all-gather per dtype of padded flat buffers."""
     for dtype in sorted({p.dtype for p in params}, key=str):

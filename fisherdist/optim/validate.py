@@ -10,7 +10,6 @@ from torch.distributed.tensor import DTensor
 
 from fisherdist.distributed import collectives
 from fisherdist.errors import ConfigError, FisherdistError
-from fisherdist.optim import owners
 from fisherdist.optim.subspace import side_of
 
 
@@ -59,4 +58,4 @@ def resolve_owner_mode(params: Sequence[torch.Tensor], owner_sharding: bool | No
     if layerwise:
         raise FisherdistError("GaLore: layerwise=True with replicated (DDP) parameters: DDP averages gradients "
                               "after the post-accumulate-grad hooks run; use FSDP2 or one process, or layerwise=False")
-    return owners.assign([p.numel() for p in params], world), me, world
+    return collectives.assign_owners([p.numel() for p in params], world), me, world

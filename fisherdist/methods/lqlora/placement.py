@@ -10,6 +10,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from fisherdist.config import resolve_path
+from fisherdist.distributed.collectives import assign_owners
 from fisherdist.errors import FisherdistError
 
 
@@ -43,19 +44,7 @@ def find_targets(model_dir: str | Path, pattern: str) -> list[Target]:
     return sorted(out, key=lambda t: t.name)
 
 
-def balance(work: Sequence[float], world: int) -> list[int]:
-    """Owner rank of each item: longest-processing-time greedy (largest first to the least-loaded rank,
-    ties to the lower rank), within 4/3 of the best possible maximum load."""
-    load = [0.0] * world
-    owner = [0] * len(work)
-    for i in sorted(range(len(work)), key=lambda i: (-work[i], i)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        owner[i] = r
-        load[r] += work[i]
-    return owner
-
-
 def mine(targets: Sequence[Target], rank: int, world: int) -> list[Target]:
     """This rank's matrices; the work of one matrix grows with its size (quantization and the SVD sketch)."""
-    owner = balance([t.numel for t in targets], world)
+    owner = assign_owners([t.numel for t in targets], world)
     return [t for t, r in zip(targets, owner) if r == rank]
