@@ -29,11 +29,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp  # called as dcp.save / dcp.load: tests inject faults there
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.checkpoint.stateful import Stateful
 
 from fisherdist.distributed.collectives import barrier, is_main, rank
@@ -140,7 +139,7 @@ class RunCheckpointer:
                 shutil.rmtree(tmp)  # a leftover of an interrupted save of this very step
             tmp.mkdir(parents=True)
         barrier()
-        dcp_save(dict(states), checkpoint_id=str(tmp))
+        dcp.save(dict(states), checkpoint_id=str(tmp))
         barrier()  # every rank's shard files are written (DCP's own finish step also synchronises)
         files = _hash_files(tmp)
         if is_main():
@@ -185,7 +184,7 @@ class RunCheckpointer:
         meta = verify_checkpoint(path, check_hashes=verify)
         check_matches(path, states)
         try:
-            dcp_load(dict(states), checkpoint_id=str(path))
+            dcp.load(dict(states), checkpoint_id=str(path))
         except Exception as e:
             raise CheckpointError(f"{path}: failed to load ({_one_line(e)})") from None
         return meta
