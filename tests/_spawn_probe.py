@@ -58,5 +58,5 @@ def register(sub: argparse._SubParsersAction) -> None:
 if __name__ == "__main__":
     from fisherdist import cli
 
-    cli.COMMAND_MODULES = (*cli.COMMAND_MODULES, "tests._spawn_probe")
+    cli.COMMAND_MODULES = [*cli.COMMAND_MODULES, sys.modules[__name__]]
     sys.exit(cli.main(sys.argv[1:]))
