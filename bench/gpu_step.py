@@ -2,13 +2,16 @@
 
     python bench/gpu_step.py --section engine --out bench/results/gpu_step.json     # Llama-2-7B shape, bf16
     python bench/gpu_step.py --section suv --out bench/results/gpu_step.json
+    python bench/gpu_step.py --section ngalore --out bench/results/gpu_step.json   # Llama-3.2-1B shape
+    python bench/gpu_step.py --section lqlora --out bench/results/gpu_step.json    # one 4096 x 4096 matrix
     python bench/gpu_step.py --table --out bench/results/gpu_step.json              # the table of a run
     python bench/gpu_step.py --section engine --smoke --out /tmp/g.json             # tiny world model on CPU
 
 ``bench/gpu.sh`` runs every section under its own timeout. Each call merges its section into the JSON
 file (written atomically before and after the section, so a cut run still reports what finished and marks
 what was cut as ``started``). Sections: ``engine`` (plain step vs Fisher accumulation at batch /
-microbatch / sample granularity) and ``suv`` (LoRA step vs LoRA step with SUV's Fisher log barrier).
+microbatch / sample granularity), ``suv`` (LoRA step vs LoRA step with SUV's Fisher log barrier), and
+``ngalore`` / ``lqlora`` (``bench/gpu_methods.py``).
 Models have random weights and activation checkpointing per decoder layer, as the planner assumes.
 """
 
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gpu_methods  # bench/, next to this script (the script directory is on sys.path)
 
 WORLD_MODEL = Path(__file__).resolve().parents[1] / "fisherdist" / "world" / "default" / "model"
 TARGETS = "model.layers.*.self_attn.*_proj.weight,model.layers.*.mlp.*_proj.weight"
@@ -162,7 +166,13 @@ def suv(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"engine": engine, "suv": suv}
+def ngalore(args: argparse.Namespace) -> dict[str, Any]:
+    args.model = str(WORLD_MODEL) if args.smoke else "llama-3.2-1b"
+    return gpu_methods.ngalore(args, build, timed, planned_gib)
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "engine": engine, "suv": suv, "ngalore": ngalore, "lqlora": gpu_methods.lqlora}
 
 
 def save(path: Path, doc: dict[str, Any]) -> None:

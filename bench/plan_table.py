@@ -1,4 +1,4 @@
-"""The README's planner table: ``fisherdist plan`` for 7B / 13B / 70B x 8 / 16 / 64 GPUs x FSDP2 / ZeRO-3.
+"""The README's planner table: ``fisherdist plan`` for 7B / 13B / 70B x 8 / 16 / 64 GPUs x FSDP2 / ZeRO-3 per landed method.
 
     python bench/plan_table.py            # Markdown, GiB per rank (persistent + transient peak), 80 GiB GPUs
 """
@@ -13,8 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODELS = ("llama-2-7b", "llama-2-13b", "llama-2-70b")
 GPUS = (8, 16, 64)
-BACKENDS = ("fsdp2", "zero3")
-METHODS = ("fisher", "suv")
+# (method, backend) columns: every landed method on FSDP2 and ZeRO-3; Natural GaLore projects whole 2-D
+# matrices, which ZeRO's flat partitions cut across, so it runs on FSDP2 (and DDP), not ZeRO
+COLUMNS = (("fisher", "fsdp2"), ("fisher", "zero3"), ("suv", "fsdp2"), ("suv", "zero3"), ("ngalore", "fsdp2"))
 
 
 def cell(model: str, gpus: int, backend: str, method: str) -> str:
@@ -31,12 +32,12 @@ def cell(model: str, gpus: int, backend: str, method: str) -> str:
 
 
 def main() -> None:
-    header = [f"{m} {b}" for m in METHODS for b in BACKENDS]
+    header = [f"{m} {b}" for m, b in COLUMNS]
     print("| model | GPUs | " + " | ".join(header) + " |")
     print("|---|---|" + "---|" * len(header))
     for model in MODELS:
         for gpus in GPUS:
-            cells = [cell(model, gpus, b, m) for m in METHODS for b in BACKENDS]
+            cells = [cell(model, gpus, b, m) for m, b in COLUMNS]
             print(f"| {model} | {gpus} | " + " | ".join(cells) + " |")
 
 

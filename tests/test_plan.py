@@ -119,7 +119,8 @@ def test_shipped_configs_have_the_published_sizes(name):
 
 @pytest.mark.parametrize("method", ["fisher", "suv", "vila", "fila", "agl", "ngalore", "lqlora"])
 def test_every_method_plans_and_states_its_assumptions(capsys, method):
-    doc = plan_json(capsys, "--model", "llama-2-13b", "--gpus-per-node", "8", "--nodes", "2", "--backend", "zero3",
+    backend = "fsdp2" if method == "ngalore" else "zero3"  # GaLore needs whole matrices: no ZeRO
+    doc = plan_json(capsys, "--model", "llama-2-13b", "--gpus-per-node", "8", "--nodes", "2", "--backend", backend,
                     "--method", method, "--gpu-memory", "141GB")
     assert doc["gpu_bytes"] == 141 * 10**9 and doc["world_size"] == 16
     per_rank = doc["per_rank_bytes"]
@@ -127,8 +128,14 @@ def test_every_method_plans_and_states_its_assumptions(capsys, method):
                              "buffers", "total"}
     assert per_rank["parameters"] > 0 and per_rank["total"] > per_rank["parameters"]
     assert any(a.startswith(f"{method}:") for a in doc["assumptions"])
-    landed = method in ("fisher", "suv")
+    landed = method in ("fisher", "suv", "ngalore")
     assert landed or any("not landed" in a for a in doc["assumptions"])
+
+
+def test_ngalore_on_zero_is_refused_in_one_line(capsys):
+    assert main(["plan", "--model", "llama-2-7b", "--backend", "zero2", "--method", "ngalore"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--backend zero2" in err[0] and "fsdp2" in err[0]
 
 
 def test_local_config_directory_and_a_table(capsys, tmp_path):

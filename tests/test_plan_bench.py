@@ -25,5 +25,16 @@ def test_gpu_bench_smoke_runs_every_section(tmp_path):
     # the planner's prediction grows with what each granularity keeps in flight
     assert engine["plain"]["planned_gib"] < engine["batch"]["planned_gib"] < engine["sample"]["planned_gib"]
     assert suv["lora"]["median_s"] > 0 and suv["lora_suv"]["ratio"] > 0 and suv["lora_suv"]["planned_gib"] > 0
+    ngalore = doc["ngalore"]
+    for name in ("adamw", "galore", "natural_galore"):
+        assert ngalore[name]["median_s"] > 0 and ngalore[name]["refresh_s"] > 0, name
+    # the optimizer state by part, as the optimizers report it: GaLore keeps projectors, Natural GaLore a window
+    assert ngalore["galore"]["state_bytes"]["projectors"] > 0 and ngalore["galore"]["state_bytes"]["history"] == 0
+    assert ngalore["natural_galore"]["state_bytes"]["history"] > 0
+    assert ngalore["galore"]["state_bytes"]["moments"] < ngalore["adamw"]["state_bytes"]["moments"]
+    assert ngalore["natural_galore"]["planned_gib"] > 0
+    lq = doc["lqlora"]["decompose"]
+    assert 0 < lq["rel_frobenius_lq_nf3"] < 1 and 0 < lq["rel_frobenius_nf4"] < 1 and lq["iterations"] >= 1
     table = (tmp_path / "gpu_step.md").read_text()
-    assert "| engine | sample |" in table and "| suv | lora_suv |" in table
+    assert "| engine | sample |" in table and "| suv | lora_suv |" in table and "| ngalore | natural_galore |" in table
+    assert "| lqlora | decompose |" in table

@@ -40,6 +40,9 @@ def _check(args: argparse.Namespace) -> None:
     for key in ("nodes", "gpus_per_node", "micro_batch", "seq"):
         if getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')}: {getattr(args, key)} must be at least 1")
+    if args.method == "ngalore" and args.backend.startswith("zero"):
+        raise ConfigError(f"--backend {args.backend}: Natural GaLore projects whole 2-D matrices and DeepSpeed ZeRO's "
+                          "flat partitions cut across them (fisherdist.optim refuses it); plan it on fsdp2 or ddp")
 
 
 def compute(args: argparse.Namespace) -> dict[str, Any]:

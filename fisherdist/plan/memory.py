@@ -88,7 +88,7 @@ def _owned_bytes(job: Job, mm: MethodModel, per_matrix: dict[str, int], rank: in
     if not per_matrix:
         return 0
     placement = Placement.owned(mm.owned, rank, job.world)
-    return sum(b for f, b in per_matrix.items() if placement.ranges[f][rank][1] > 0)
+    return job.dtype_bytes * sum(n for f, n in per_matrix.items() if placement.ranges[f][rank][1] > 0)
 
 
 def _parameters(job: Job, mm: MethodModel) -> int:

@@ -1,7 +1,7 @@
 """What each method keeps besides the model: trainable parameters, Fisher buffers and its own state.
 
-``fisher`` and ``suv`` describe what the landed code allocates. ``vila``, ``fila``, ``agl``, ``ngalore`` and
-``lqlora`` have not landed: they are modelled from the reference notes (``reference/methods.md``) and
+``fisher``, ``suv`` and ``ngalore`` describe what the landed code allocates. ``vila``, ``fila``, ``agl`` and
+``lqlora``'s training stage are modelled from the reference notes (``reference/methods.md``) and
 every modelling choice is returned as an assumption, so ``fisherdist plan --json`` says what it guessed.
 """
 
@@ -20,7 +20,7 @@ QKVO = ["*.q_proj.weight", "*.k_proj.weight", "*.v_proj.weight", "*.o_proj.weigh
 LINEAR = QKVO + ["*.gate_proj.weight", "*.up_proj.weight", "*.down_proj.weight"]
 DEFAULT_RANK = {"suv": 8, "vila": 8, "fila": 8, "agl": 8, "lqlora": 64, "ngalore": 256}
 AGL_BASIS = 128  # top-m eigenvectors per adapted module
-NGALORE_HISTORY = 20  # natural_history: projected gradients kept per matrix
+NGALORE_HISTORY = 4  # NaturalGaLoreAdamW(history=4): projected gradients kept per matrix
 LQ_BITS = 4.127  # NF4 with 8-bit double-quantised scales (B0=64, B1=256, fp32): LQ-LoRA's "nf4" config
 
 
@@ -39,8 +39,8 @@ class MethodModel:
     replicated_state_bytes: int = 0  # per-rank state that is not sharded
     lora_copies: int = 0  # frozen copies of the LoRA factors (a reference adapter), stored like parameters
     owned: Shapes = field(default_factory=dict)  # whole matrices assigned to owner ranks (ngalore)
-    owned_optimizer: dict[str, int] = field(default_factory=dict)  # bytes per owned matrix: projector + moments
-    owned_fisher: dict[str, int] = field(default_factory=dict)  # bytes per owned matrix: gradient history
+    owned_optimizer: dict[str, int] = field(default_factory=dict)  # elements (parameter dtype) per owned matrix: projector + moments
+    owned_fisher: dict[str, int] = field(default_factory=dict)  # elements (parameter dtype) per owned matrix: gradient history
     quantized: Shapes = field(default_factory=dict)  # base weights stored packed (lqlora)
     sequences_per_sample: int = 1
     assumptions: list[str] = field(default_factory=list)
@@ -117,15 +117,17 @@ def _agl(m: ModelShapes, params: list[str], gran: str, r: int) -> MethodModel:
 
 def _ngalore(m: ModelShapes, params: list[str], gran: str, r: int) -> MethodModel:
     mats: Shapes = {f: s for f, s in select(m.shapes, ["*attn*", "*mlp*"]).items() if len(s) == 2}
-    # per (m x n) matrix, fp32: projector P (m x r) and Adam m, v (r x n); the history s x r x n
-    rank = {f: min(s[0], r) for f, s in mats.items()}
-    opt = {f: 4 * rank[f] * (s[0] + 2 * s[1]) for f, s in mats.items()}
-    hist = {f: 4 * NGALORE_HISTORY * rank[f] * s[1] for f, s in mats.items()}
+    # elements per (m x n) matrix, in the parameter dtype (fisherdist.optim allocates its state like the
+    # parameter): projector P (m x r) and Adam m, v (r x n); the history s x r x n
+    rank = {f: min(s[0], s[1], r) for f, s in mats.items()}
+    opt = {f: rank[f] * (s[0] + 2 * s[1]) for f, s in mats.items()}
+    hist = {f: NGALORE_HISTORY * rank[f] * s[1] for f, s in mats.items()}
     return MethodModel(dict(m.shapes), {}, {}, 0, 0, "batch", "adamw", owned=mats, owned_optimizer=opt,
                        owned_fisher=hist, assumptions=[
-                           "ngalore: not landed; modelled from reference/methods.md section 2 (paper's one-sided form)",
+                           "ngalore: fisherdist.optim.NaturalGaLoreAdamW, one-sided projection (reference/methods.md "
+                           "section 2), state in the parameter dtype",
                            f"ngalore: rank r={r}, history s={NGALORE_HISTORY} projected gradients per 2-D attn/mlp "
-                           "weight, float32; whole matrices on owner ranks (greedy by size, Placement.owned)",
+                           "weight; whole matrices on owner ranks under DDP (greedy by size, Placement.owned)",
                            "ngalore: other parameters (embeddings, norms, lm_head) use AdamW, sharded by the backend",
                            "ngalore: the owner gathers one full gradient matrix (float32) at a time (transient)"])
 
