@@ -67,3 +67,21 @@ def export_adapter(
         with atomic_dir(merged_dir) as tmp:
             model.merge_and_unload().save_pretrained(tmp)
             copy_tokenizer(base_path, tmp)
+
+
+def export_lora(model: torch.nn.Module, base_path: str | Path, models: Path, merged_name: str, *,
+                rewritten: bool = False, dtype: torch.dtype = torch.float32, base_copy: str = "copy") -> None:
+    """A trained LoRA run, streamed (no rank holds the model whole): ``models/base`` (the base as trained:
+    a copy / link of ``base_path``, or, when the run rewrote it (``rewritten``), the live weights),
+    ``models/adapter`` (PEFT, on top of ``models/base``) and ``models/<merged_name>`` (base + s*B*A).
+    Collective on every rank."""
+    from fisherdist.distributed.collectives import barrier
+    from fisherdist.models.lora_base import export_base, save_adapter
+
+    if rewritten:
+        export_base(model, base_path, models / "base", merge=False)
+    else:
+        save_base_copy(base_path, models / "base", dtype, base_copy)
+        barrier()
+    save_adapter(model, models / "adapter", models / "base")
+    export_base(model, base_path, models / merged_name, merge=True)
