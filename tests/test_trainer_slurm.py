@@ -51,5 +51,5 @@ def test_usr1_requeues_training_and_it_completes_like_the_reference(slurm: Slurm
     log = "\n".join(p.read_text() for p in tmp_path.glob(f"*-{job}.out"))
     assert state == "COMPLETED", f"job {job} {state}\n{log[-4000:]}\n{slurm.logs()[-3000:]}"
     assert "received SIGUSR1" in log and "requeued" in log and "restart 1" in log, log[-4000:]
-    assert "train: resumed from step " in log, log[-4000:]
+    assert "train: resuming from step " in log, log[-4000:]
     assert_matches(torch.load(out / "result.pt", weights_only=False), reference, rtol=1e-8, atol=1e-10)
