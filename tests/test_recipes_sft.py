@@ -176,3 +176,14 @@ def test_pretrain_command_from_random_weights(tmp_path: Path) -> None:
     assert abs(log[0]["nll"] - math.log(model.config.vocab_size)) < 1.0  # random weights: about uniform
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / "trained", dtype=torch.float64)
     assert len(log) == 2 and trained.config.vocab_size == model.config.vocab_size
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(REPO)) for p in REPO.glob("configs/*/llama-*.yaml")
+                                          if p.parent.name in ("finetune", "pretrain")))
+def test_real_scale_recipes_parse(recipe: str) -> None:
+    """The 1B / 7B recipes are valid SftConfigs once model and data point at files that exist."""
+    from fisherdist.config import load_config
+    from fisherdist.methods.sft import SftConfig
+
+    cfg = load_config(SftConfig, REPO / recipe, ["model.path=@world/model", "data.train=@world/data/task_train.jsonl"])
+    assert cfg.lora is None and cfg.dist.backend == "fsdp2" and cfg.optim.name == "natural_galore"
