@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tests.entry import finish, run_and_exit
 
 SETTINGS = dict(lr=5e-3, epochs=3, lam=0.05, lambda_schedule="adaptive", projection=True, max_grad_norm=1.0, seed=3,
                 max_length=24, batch_size=2, retain_batch_size=1, checkpoint_every=None, checkpoint_minutes=None)
@@ -99,14 +100,8 @@ def main(argv: list[str]) -> int:
     except TrainingPreempted as stop:
         teardown()
         return int(stop.code)  # type: ignore[arg-type]
-    if env.rank == 0:
-        torch.save(result, args.out / "result.pt")
-    teardown()
-    return 0
+    return finish(result, args.out, env.rank)
 
 
 if __name__ == "__main__":
-    status = main(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)  # as tests/_toy_train.py: skip C++ static destructors (rare SIGABRT at exit)
+    run_and_exit(main)

@@ -16,19 +16,18 @@ import argparse
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from fisherdist.distributed.checkpoint import ModelOptimizerState, RunCheckpointer, step_seed
 from fisherdist.distributed.env import init_distributed, teardown
 from fisherdist.distributed.preempt import PreemptionHandler
+from tests.entry import finish, run_and_exit
 
 GLOBAL_BATCH = 12
 
@@ -142,16 +141,8 @@ def main(argv: list[str]) -> int:
     result = {"step": progress.step, "samples": stat.samples, "world": env.world_size,
               "weights": {n: full(t) for n, t in ModelOptimizerState(model).state_dict()["model"].items()},
               "fisher": {n: full(t) for n, t in stat.sums.items()}}  # fmt: skip
-    if env.rank == 0:
-        torch.save(result, args.out / "result.pt")
-    teardown()
-    return 0
+    return finish(result, args.out, env.rank)
 
 
 if __name__ == "__main__":
-    status = main(sys.argv[1:])
-    # Skip C++ static destructors: about 1 run in 15 on this machine aborted at interpreter exit with
-    # "terminate called without an active exception" (SIGABRT, no Python frame) after a clean teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    run_and_exit(main)

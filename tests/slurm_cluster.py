@@ -90,6 +90,20 @@ class SlurmCluster:
         self.run("scancel", job, check=False)
         raise TimeoutError(f"Slurm job {job} still {self.job_state(job)} after {timeout} s\n{self.logs()}")
 
+    def release_requeued(self, job: str, timeout: float, context: str = "") -> None:
+        """Wait for ``job``'s requeue, then start it at once instead of after Slurm's ~120 s hold: only once the
+        node is idle again (the old run finished) and a second has passed (else the new credential is from the
+        same second as the revoked one: "Job credential revoked", job FAILED)."""
+        deadline = time.monotonic() + timeout
+        while "Restarts=1" not in (shown := self.run("scontrol", "show", "job", job, "-o").stdout) or "JobState=PENDING" not in shown:
+            assert time.monotonic() < deadline, f"job {job} was not requeued: {shown}\n{context}"
+            time.sleep(0.3)
+        while self.run("sinfo", "-h", "-o", "%T").stdout.strip() != "idle":
+            assert time.monotonic() < deadline + 60, "node did not return to idle after the requeue"
+            time.sleep(0.3)
+        time.sleep(2.0)
+        self.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.dir.glob("*.log")))
 

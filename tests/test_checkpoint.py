@@ -189,3 +189,31 @@ def test_export_hf_writes_peft_adapter_for_lora_weights(tmp_path: Path) -> None:
     exported = load_file(str(path))
     assert path.name == "adapter_model.safetensors" and set(exported) == {f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"}
     assert torch.equal(exported[f"{prefix}.lora_A.weight"], a) and torch.equal(exported[f"{prefix}.lora_B.weight"], b)
+
+
+def test_export_hf_keeps_a_rewritten_base_beside_the_adapter(tmp_path: Path) -> None:
+    """Base weights and LoRA factors in one checkpoint (a method that rewrote W - s*B0*A0): the base as trained
+    under its HF names, the adapter in PEFT's, and with --lora-scale the merged W + s*B*A (float64 here)."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    from fisherdist.cli import main as cli_main
+
+    a, b, w, e = torch.randn(2, 6), torch.randn(6, 2), torch.randn(6, 6), torch.randn(9, 6)
+    prefix = "base_model.model.layers.0.q_proj"
+    model = {f"{prefix}.lora_A.default.weight": a, f"{prefix}.lora_B.default.weight": b,
+             f"{prefix}.base_layer.weight": w, "base_model.model.embed.weight": e}
+    dcp.save({"train": {"model": model}}, checkpoint_id=str(tmp_path / "ck" / "step-1"), no_dist=True)
+    base = tmp_path / "orig"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "toy"}')
+    hf = tmp_path / "hf"
+    assert cli_main(["reshard", str(tmp_path / "ck" / "step-1"), str(tmp_path / "re"), "--export-hf", str(hf),
+                     "--base", str(base), "--lora-scale", "2.0"]) == 0
+    full, adapter = load_file(str(hf / "model.safetensors")), load_file(str(hf / "adapter_model.safetensors"))
+    assert set(full) == {"layers.0.q_proj.weight", "embed.weight"} and torch.equal(full["layers.0.q_proj.weight"], w)
+    assert set(adapter) == {f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"}
+    merged = load_file(str(hf / "merged" / "model.safetensors"))
+    want = w.double() + 2.0 * (b.double() @ a.double())
+    torch.testing.assert_close(merged["layers.0.q_proj.weight"].double(), want, rtol=0, atol=1e-6)
+    assert torch.equal(merged["embed.weight"], e) and (hf / "merged" / "config.json").is_file()

@@ -58,17 +58,7 @@ def test_preempted_job_requeues_and_resumes(slurm: SlurmCluster, tmp_path: Path,
     job = _submit(slurm, template, tmp_path, "--out", str(out), "--steps", str(STEPS), "--sleep", "1.0")
     _wait_for(out / "log-rank1.jsonl", lambda t: '"done": 1' in t, timeout=90)
     slurm.run("scancel", "--signal=USR1", job)
-    deadline = time.monotonic() + 90
-    while "Restarts=1" not in (shown := slurm.run("scontrol", "show", "job", job, "-o").stdout) or "JobState=PENDING" not in shown:
-        assert time.monotonic() < deadline, f"job {job} was not requeued: {shown}\n{_job_output(tmp_path, job)}"
-        time.sleep(0.3)
-    # Slurm holds a requeued job ~120 s; release it early, but only once the node has finished the old run and a
-    # new credential is from a later second than the revoked one (else: "Job credential revoked", job FAILED).
-    while slurm.run("sinfo", "-h", "-o", "%T").stdout.strip() != "idle":
-        assert time.monotonic() < deadline + 60, "node did not return to idle after the requeue"
-        time.sleep(0.3)
-    time.sleep(2.0)
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    slurm.release_requeued(job, timeout=90, context=_job_output(tmp_path, job))
     state = slurm.wait_job(job, timeout=120)
     log = _job_output(tmp_path, job)
     shown = slurm.run("scontrol", "show", "job", job, "-o").stdout

@@ -1,5 +1,6 @@
 """The LoRA initialisation hook on 2 ranks (FSDP2 row shards, ZeRO-3 partitions): custom A/B, the base
-rewritten to W - s*B*A without gathering it, and the streamed export of the rewritten and the merged base,
+rewritten to W - s*B*A without gathering it, and the streamed export of the rewritten and the merged base
+(and of the adapter, which on top of the exported base gives the live model's logits),
 each against a single-process float64 computation from the original checkpoint."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fisherdist.models.lora_base import export_base, fold_into_base, set_factors
+from fisherdist.models.lora_base import export_base, fold_into_base, save_adapter, set_factors
 from fisherdist.models.peft_utils import AdaptedModule, LoraSettings, apply_lora
 from fisherdist.models.sharded_load import checkpoint_name, load_wrapped
 from tests.distributed import run_distributed
@@ -34,6 +35,7 @@ def _worker(rank: int, world: int, path, out, backend: str):
     logits = w.module(input_ids=IDS).logits.detach()
     export_base(w.unwrapped, path, out / "base", merge=False, shard_bytes=20_000)
     export_base(w.unwrapped, path, out / "merged", merge=True, shard_bytes=20_000)
+    save_adapter(w.unwrapped, out / "adapter", out / "base")
     return logits
 
 
@@ -69,3 +71,9 @@ def test_rewritten_base_and_export_on_two_ranks(tmp_path, backend):
         torch.testing.assert_close(logits[0].double(), original(input_ids=IDS).logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logits[1], logits[0])
     assert len(list((tmp_path / "base").glob("model-*.safetensors"))) > 1  # streamed in several shards
+    from peft import PeftModel  # the adapter on top of the rewritten base is the trained model again
+
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float64),
+                                     tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(peft(input_ids=IDS).logits, logits[0].double(), rtol=1e-4, atol=1e-5)

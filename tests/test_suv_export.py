@@ -1,37 +1,55 @@
-"""Export: the adapter loads with PeftModel.from_pretrained; the merged model reproduces the PEFT logits."""
+"""Export of a trained LoRA run (``models.export.export_lora``, streamed): the adapter loads with
+PeftModel.from_pretrained on top of ``models/base``, and the merged model reproduces the live model's logits,
+for an untouched base (copied) and for a base rewritten to W - s*B0*A0 (written as trained, checked against
+the original checkpoint in float64)."""
 
+import pytest
 import torch
 
 from fisherdist.distributed.wrap import wrap_model
-from fisherdist.models.export import export_adapter
+from fisherdist.models.export import export_lora
+from fisherdist.models.lora_base import fold_into_base, set_factors
 from fisherdist.models.peft_utils import LoraSettings, adapted_modules, apply_lora
 
 
-def test_adapter_and_merged_model(tmp_path):
+@pytest.mark.parametrize("rewritten", [False, True])
+def test_adapter_base_and_merged_model(tmp_path, rewritten):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, max_position_embeddings=64)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
-    lora = LoraSettings(r=4, alpha=8, dropout=0.0)
-    trained = apply_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), lora)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "orig")
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0)  # s = 2
+    trained = apply_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "orig"), lora)
+    if rewritten:  # a method's own A0, B0 and the base rewrite, then "training" moves B
+        g = torch.Generator().manual_seed(5)
+        set_factors(trained, lambda m: (torch.randn(m.lora_a.shape, generator=g), torch.randn(m.lora_b.shape, generator=g)))
+        initial = {m.name: (m.lora_a.detach().clone(), m.lora_b.detach().clone()) for m in adapted_modules(trained)}
+        fold_into_base(trained)
     with torch.no_grad():
         for m in adapted_modules(trained):
-            m.lora_b.normal_(0, 0.3)
-    w = wrap_model(trained, "none")
-    export_adapter(w.gather_trainable(), tmp_path / "base", lora, tmp_path / "adapter", tmp_path / "merged")
+            m.lora_b.add_(torch.randn(m.lora_b.shape) * 0.3)
+    export_lora(wrap_model(trained, "none").unwrapped, tmp_path / "orig", tmp_path / "models", "merged", rewritten=rewritten)
 
     ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
+    models = tmp_path / "models"
     with torch.no_grad():
         want = trained(input_ids=ids).logits
-        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
-        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models / "base"), models / "adapter")
+        merged = AutoModelForCausalLM.from_pretrained(models / "merged")
         torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
-        assert (base(input_ids=ids).logits - want).abs().max() > 1e-2  # the adapter does change the model
+        orig = AutoModelForCausalLM.from_pretrained(tmp_path / "orig", dtype=torch.float64).state_dict()
+        base = AutoModelForCausalLM.from_pretrained(models / "base", dtype=torch.float64).state_dict()
+        assert (AutoModelForCausalLM.from_pretrained(tmp_path / "orig")(input_ids=ids).logits - want).abs().max() > 1e-2
+    for name, w in orig.items():
+        key = f"base_model.model.{name.removesuffix('.weight')}"
+        if rewritten and key in initial:
+            a0, b0 = (t.double() for t in initial[key])
+            w = w - 2.0 * (b0 @ a0)
+        assert (base[name] - w).abs().max() < 1e-5, (name, float((base[name] - w).abs().max()))  # float32 round-off
 
 
 def test_task_vector_merge_command(tmp_path):

@@ -5,9 +5,9 @@ import math
 import torch
 
 from fisherdist.methods.suv.projection import RetainProjector
-from fisherdist.methods.suv.schedule import LambdaSchedule
 from fisherdist.models.merge import merge_task_vectors
 from fisherdist.recipes.losses import collate_pairs, dpo_loss, sequence_logprobs
+from fisherdist.recipes.schedules import LambdaSchedule
 
 
 def test_dpo_loss_matches_formula():

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from fisherdist.data.jsonl import encode, write_jsonl
+from fisherdist.eval.continuations import SamplingSource
 from fisherdist.eval.generation import HFGenerator
 from fisherdist.methods.suv.mine import MineSettings, mine, mine_file
-from fisherdist.methods.suv.prefs import PrefsSettings, SamplingSource, build_preferences, prefs_file
+from fisherdist.methods.suv.prefs import PrefsSettings, build_preferences, prefs_file
 from tests.distributed import run_distributed
 from tests.test_eval import Oracle, brute_lcs, random_passages, tiny_model, tiny_tokenizer
 

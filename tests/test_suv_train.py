@@ -6,7 +6,8 @@ import torch
 
 from fisherdist.fisher.layout import Placement
 from fisherdist.methods.suv.config import TrainSettings
-from fisherdist.methods.suv.train import PairTokens, SuvTrainer
+from fisherdist.methods.suv.train import SuvTrainer
+from fisherdist.recipes.preference import PairTokens
 from tests.distributed import run_distributed
 from tests.fisher_oracle import model_dtype
 from tests.test_suv_regularizer import barrier_for, random_fishers, tiny_peft

@@ -113,7 +113,7 @@ def test_preempted_run_resumes_to_the_plain_loop(tmp_path: Path, capsys: pytest.
     assert stop.value.code == 75 and stop.value.step == 4
     capsys.readouterr()
     history, model = _train(tmp_path / "ckpt")
-    assert capsys.readouterr().out.startswith("train: resumed from step 4 of 9")
+    assert capsys.readouterr().out.startswith("train: resuming from step 4 of 9")
     assert [r["step"] for r in history] == list(range(1, 10))
     want = _oracle()
     for a, b in zip(model.parameters(), want.parameters()):

@@ -89,7 +89,7 @@ def _resume(out: Path, nproc: int, backend: str) -> dict:
     second = _run(nproc, out, backend)
     assert second.returncode == 0, second.stderr[-3000:]
     own = [line for line in second.stdout.splitlines() if not line.startswith(("DeepSpeed ", "["))]  # DeepSpeed's build notes
-    assert own[0].startswith(f"train: resumed from step {SIGNAL_AT} of 6"), second.stdout[:500]
+    assert own[0].startswith(f"train: resuming from step {SIGNAL_AT} of 6"), second.stdout[:500]
     assert not (out / "ckpt").exists()  # a finished run drops its checkpoints
     return torch.load(out / "result.pt", weights_only=False)
 
@@ -131,5 +131,5 @@ def test_sigkilled_rank_leaves_previous_checkpoint_loadable(tmp_path: Path, refe
     step = verify_checkpoint(latest)["extra"]["step"]
     second = _run(1, tmp_path, "none")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.startswith(f"train: resumed from step {step} of 6")
+    assert second.stdout.startswith(f"train: resuming from step {step} of 6")
     assert_matches(torch.load(tmp_path / "result.pt", weights_only=False), reference, rtol=1e-8, atol=1e-10)

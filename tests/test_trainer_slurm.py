@@ -22,20 +22,6 @@ def _wait_step(out: Path, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def _release_requeued(cluster: SlurmCluster, job: str, timeout: float) -> None:
-    """Wait for the requeue, then start the job at once instead of after Slurm's ~120 s hold (once the node is
-    idle again and a second has passed, else the new credential counts as revoked)."""
-    deadline = time.monotonic() + timeout
-    while "Restarts=1" not in (shown := cluster.run("scontrol", "show", "job", job, "-o").stdout) or "JobState=PENDING" not in shown:
-        assert time.monotonic() < deadline, f"job {job} was not requeued: {shown}"
-        time.sleep(0.3)
-    while cluster.run("sinfo", "-h", "-o", "%T").stdout.strip() != "idle":
-        assert time.monotonic() < deadline + 60, "node did not return to idle after the requeue"
-        time.sleep(0.3)
-    time.sleep(2.0)
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
-
-
 @pytest.mark.timeout(420)
 def test_usr1_requeues_training_and_it_completes_like_the_reference(slurm: SlurmCluster, tmp_path: Path,  # noqa: F811
                                                                     reference: dict) -> None:  # noqa: F811
@@ -46,10 +32,10 @@ def test_usr1_requeues_training_and_it_completes_like_the_reference(slurm: Slurm
     job = submit(script, ["--out", str(out), "--backend", "fsdp2", "--sleep", "1.5"], tmp_path, env=env)
     _wait_step(out, timeout=180)
     slurm.run("scancel", "--signal=USR1", job)
-    _release_requeued(slurm, job, timeout=120)
+    slurm.release_requeued(job, timeout=120)
     state = slurm.wait_job(job, timeout=240)
     log = "\n".join(p.read_text() for p in tmp_path.glob(f"*-{job}.out"))
     assert state == "COMPLETED", f"job {job} {state}\n{log[-4000:]}\n{slurm.logs()[-3000:]}"
     assert "received SIGUSR1" in log and "requeued" in log and "restart 1" in log, log[-4000:]
-    assert "train: resumed from step " in log, log[-4000:]
+    assert "train: resuming from step " in log, log[-4000:]
     assert_matches(torch.load(out / "result.pt", weights_only=False), reference, rtol=1e-8, atol=1e-10)

@@ -4,9 +4,10 @@ Resharding: DCP already reshards on load (save on 8 ranks, resume on 16). ``resh
 and offline: one process reads every shard (``dcp_to_torch_save``, no process group), then re-saves the
 whole tensors as a one-file DCP checkpoint under ``DST/step-N`` with a fresh ``run.json``/``.complete``,
 which any world size loads. ``--export-hf DIR`` also writes the model weights found in the checkpoint
-(a ``*.model.<fqn>`` sub-dict, as :class:`ModelOptimizerState` saves it) as ``model.safetensors``, or as a
-PEFT ``adapter_model.safetensors`` when they are LoRA factors, plus the base model's config/tokenizer
-files when ``--base`` names the Hugging Face directory.
+(a ``*.model.<fqn>`` sub-dict, as :class:`ModelOptimizerState` saves it): full weights (a base a method
+rewrote, e.g. W - s*B*A) as ``model.safetensors``, LoRA factors as a PEFT ``adapter_model.safetensors``,
+both when both are there (and ``--lora-scale`` adds the merged model in ``DIR/merged``), plus the base
+model's config/tokenizer files when ``--base`` names the Hugging Face directory.
 """
 
 from __future__ import annotations
@@ -84,25 +85,57 @@ def _model_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in found[0].items() if isinstance(v, torch.Tensor)}
 
 
-def export_hf(src: Path, out: Path, base: Path | None = None) -> Path:
-    """Consolidated Hugging Face (full weights) or PEFT (LoRA factors only) directory from a checkpoint."""
+def _hf_name(fqn: str) -> str:
+    """A PEFT model's FQN of a frozen weight -> its name in a plain HF checkpoint."""
+    return fqn.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def _merged(frozen: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """W + scale * B @ A (float64, then W's dtype) for every adapted weight; the others as they are."""
+    out = dict(frozen)
+    for key, a in lora.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0]
+        b, w = lora[key.replace(".lora_A.", ".lora_B.")], frozen[f"{module}.base_layer.weight"]
+        out[f"{module}.base_layer.weight"] = (w.double() + scale * (b.double() @ a.double())).to(w.dtype)
+    return out
+
+
+def export_hf(src: Path, out: Path, base: Path | None = None, lora_scale: float | None = None) -> Path:
+    """Consolidated Hugging Face directory from a checkpoint: the full weights found (``model.safetensors``,
+    a rewritten base included) and the LoRA factors as a PEFT ``adapter_model.safetensors``; with both and
+    ``lora_scale`` (alpha / r) also ``out/merged`` (base + scale * B @ A). Returns the adapter's path, if
+    any, else the model file's."""
     from safetensors.torch import save_file
 
     state, _ = read_full(_resolve_source(src))
     weights = _model_weights(state)
     out.mkdir(parents=True, exist_ok=True)
     lora = {k: v for k, v in weights.items() if "lora_" in k}
-    if lora:  # PEFT's file naming: no adapter name in the keys
-        save_file({k.replace(".default", ""): v for k, v in lora.items()}, str(out / "adapter_model.safetensors"))
-        path = out / "adapter_model.safetensors"
-    else:
-        save_file(weights, str(out / "model.safetensors"))
-        path = out / "model.safetensors"
-    if base is not None:
-        for name in HF_FILES:
-            if (base / name).is_file():
-                shutil.copy2(base / name, out / name)
-    return path
+    frozen = {k: v for k, v in weights.items() if "lora_" not in k}
+    if frozen:
+        save_file({_hf_name(k): v for k, v in frozen.items()}, str(out / "model.safetensors"))
+        _copy_hf_files(base, out)
+    if frozen and lora and lora_scale is not None:
+        (out / "merged").mkdir(exist_ok=True)
+        merged = _merged(frozen, lora, lora_scale)
+        save_file({_hf_name(k): v for k, v in merged.items()}, str(out / "merged" / "model.safetensors"))
+        _copy_hf_files(base, out / "merged")
+    if not lora:
+        return out / "model.safetensors"
+    # PEFT's file naming: no adapter name in the keys
+    save_file({k.replace(".default", ""): v for k, v in lora.items()}, str(out / "adapter_model.safetensors"))
+    _copy_hf_files(base, out)
+    return out / "adapter_model.safetensors"
+
+
+def _copy_hf_files(base: Path | None, out: Path) -> None:
+    if base is None:
+        return
+    for name in HF_FILES:
+        if (base / name).is_file():
+            shutil.copy2(base / name, out / name)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -127,7 +160,7 @@ def _reshard(args: argparse.Namespace) -> int:
     path = reshard(src, dst)
     print(f"wrote {path}")
     if args.export_hf:
-        print(f"wrote {export_hf(path, Path(args.export_hf), Path(args.base) if args.base else None)}")
+        print(f"wrote {export_hf(path, Path(args.export_hf), Path(args.base) if args.base else None, args.lora_scale)}")
     return 0
 
 
@@ -154,4 +187,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.add_argument("dst", help="new run checkpoint directory (gets step-N)")
     r.add_argument("--export-hf", default=None, metavar="DIR", help="also write the model weights as a HF/PEFT directory")
     r.add_argument("--base", default=None, metavar="DIR", help="HF model directory to copy config/tokenizer files from")
+    r.add_argument("--lora-scale", type=float, default=None, metavar="S",
+                   help="LoRA alpha / r: with base weights and LoRA factors in the checkpoint, also write DIR/merged")
     r.set_defaults(func=_reshard)

@@ -1,118 +1,152 @@
-"""SFT LoRA baseline: ``fisherdist sft CONFIG`` fine-tunes a LoRA adapter on ``{prompt, response}`` records
-(the loss scores the response only) and exports the adapter and the merged model.
+"""Supervised fine-tuning: ONE recipe behind ``fisherdist sft`` (LoRA), ``fisherdist finetune`` (any
+adapter or full weights, any optimizer in ``optim:``) and ``fisherdist pretrain`` (plain text, full
+weights, optionally from random initial weights), and behind :func:`run_sft`, which other methods call
+(AlignGuard-LoRA's plain-LoRA baseline).
 
-The whole method on the recipes layer, as README's "Adding a method" walks through it: a config that adds
-only its ``data:`` and ``train:`` sections to :class:`LoraRunConfig`, one stage, the shared SFT loss, the
-shared export, and one line of CLI. Data parallelism: step s takes the global records
-``[s*B*W, (s+1)*B*W)`` of a seeded permutation; each rank's loss is its summed response NLL times W over
-the step's global response-token count, so the backend's gradient average is the gradient of the global
-token-mean NLL, whatever the world size.
+The loss scores the response only (``data.prompt_field: null``: the whole text after the special prefix,
+i.e. causal-LM pretraining). Data parallelism and resume come from the shared trainer: each rank's loss is
+its summed response NLL times W over the step's global response-token count, so the backend's gradient
+average is the gradient of the global token-mean NLL, whatever the world size.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import hashlib
+from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fisherdist.commands import config_command
 from fisherdist.config import DataFile, Section
-from fisherdist.data.jsonl import read_records, special_prefix, split_encode
+from fisherdist.data.jsonl import encode, read_records, special_prefix, split_encode
 from fisherdist.distributed.collectives import all_reduce_sum
+from fisherdist.models.peft_utils import LoraSettings
 from fisherdist.recipes.cli import run_stages
-from fisherdist.recipes.config import LoraRunConfig
+from fisherdist.recipes.config import RunConfig
 from fisherdist.recipes.losses import collate_prompted, label_tokens, sft_loss
+from fisherdist.recipes.optimizers import OptimizerSettings
 from fisherdist.recipes.stages import ALL, RunContext, StageRegistry
+from fisherdist.recipes.train_config import OptimSettings
+from fisherdist.recipes.trainer import StepBatch, Trainer, TrainHook
+
+Prompted = tuple[list[int], list[int]]
+"""One record as token ids: (special prefix + prompt, response)."""
 
 
 class SftData(Section):
-    train: DataFile = Field(description="JSON Lines records {prompt, response}")
-    prompt_field: str = "prompt"
+    train: DataFile = Field(description="JSON Lines records {prompt, response} (or {text} for pretraining)")
+    prompt_field: str | None = Field("prompt", description="null: no prompt, every token of the text is scored")
     response_field: str = "response"
     num_samples: int | None = Field(None, gt=0, description="first N records (default: all)")
 
 
-class SftTrain(Section):
+class SftTrain(OptimSettings):
+    """The trainer's keys (:class:`OptimSettings`) plus the sequence length; SFT's own defaults."""
+
     lr: float = Field(1e-3, gt=0)
     epochs: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)
     batch_size: int = Field(8, gt=0, description="records per rank per step")
     max_length: int = Field(128, gt=1)
-    seed: int = 0
 
 
-class SftConfig(LoraRunConfig):
-    """Schema of ``configs/sft/*.yaml``: the run keys plus ``data`` and ``train``."""
+class SftConfig(RunConfig):
+    """Schema of ``configs/{sft,finetune,pretrain}/*.yaml``: the run keys plus the sections below."""
 
+    lora: LoraSettings | None = Field(default_factory=LoraSettings, description="null: train every weight")
+    init: Literal["pretrained", "random"] = Field("pretrained", description="random: model.path's config only")
     data: SftData
     train: SftTrain = Field(default_factory=SftTrain)
+    optim: OptimizerSettings = Field(default_factory=OptimizerSettings)
+
+    @model_validator(mode="after")
+    def _init_fits(self) -> SftConfig:
+        if self.init == "random" and self.model.load != "full":
+            raise ValueError("init=random needs model.load=full (a sharded load reads the weights from files)")
+        return self
+
+
+def load_prompted(path: DataFile, tokenizer: Any, prompt_field: str | None, response_field: str,
+                  num_samples: int | None = None) -> list[Prompted]:
+    """Records -> (special prefix + prompt ids, response ids); without a prompt field, the text is the response."""
+    fields = [f for f in (prompt_field, response_field) if f]
+    rows = read_records(path, fields)[:num_samples]
+    lead = special_prefix(tokenizer)
+    if prompt_field is None:
+        return [(list(lead), encode(tokenizer, x[response_field])) for x in rows]
+    return [(lead + p, c) for p, c in (split_encode(tokenizer, x[prompt_field], x[response_field]) for x in rows)]
+
+
+class SftObjective(TrainHook):
+    """The loss of one global step and its metric ``nll`` (the global token-mean NLL of the step)."""
+
+    name = "sft"
+
+    def __init__(self, wrapped: Any, records: Sequence[Prompted], max_length: int, pad_id: int) -> None:
+        self.w, self.records, self.max_length, self.pad_id = wrapped, records, max_length, pad_id
+        self.device = next(p for _, p in wrapped.named_trainable()).device
+        self.value = torch.zeros(())
+
+    def loss(self, batch: StepBatch) -> torch.Tensor:
+        """This rank's share of the step's global token-mean NLL (zero weight on a rank with only padding)."""
+        real = [i for i in batch.mine if i >= 0]
+        items = [self.records[i] for i in (real or [0])]
+        tb = collate_prompted([p for p, _ in items], [c for _, c in items], self.pad_id, self.max_length).to(self.device)
+        tokens = all_reduce_sum((label_tokens(tb.labels).sum() * int(bool(real))).double().reshape(1))
+        logits = self.w.module(input_ids=tb.input_ids, attention_mask=tb.attention_mask).logits
+        self.value = sft_loss(logits, tb.labels).sum() * int(bool(real)) * batch.world / tokens.to(logits.dtype)
+        return self.value
+
+    def after_step(self, batch: StepBatch, row: dict[str, Any]) -> None:
+        row["nll"] = float(all_reduce_sum(self.value.detach().double().reshape(1).clone())) / batch.world
+
+
+def records_fingerprint(records: Sequence[Prompted]) -> str:
+    return hashlib.sha256(repr(list(records)).encode()).hexdigest()[:16]
+
+
+def run_sft(wrapped: Any, records: Sequence[Prompted], settings: SftTrain, pad_id: int, *,
+            checkpoint_dir: str | Path | None = None, hooks: Sequence[TrainHook] = (), name: str = "train",
+            progress: bool = True) -> list[dict[str, Any]]:
+    """SFT of ``wrapped`` (any backend, its optimizer) on ``records`` (:func:`load_prompted`): the per-step
+    log, identical on every rank. ``hooks`` add loss terms / metrics (see :class:`TrainHook`); with a
+    ``checkpoint_dir`` the run checkpoints, resumes and handles preemption (exit 75) like every stage."""
+    objective = SftObjective(wrapped, records, settings.max_length, pad_id)
+    trainer = Trainer(wrapped, len(records), settings, objective.loss, hooks=[objective, *hooks],
+                      checkpoint_dir=checkpoint_dir, name=name, fingerprint=records_fingerprint(records))
+    return trainer.run(progress)
 
 
 Ctx = RunContext[SftConfig]
 
 
-def _records(r: Ctx) -> list[tuple[list[int], list[int]]]:
-    d = r.cfg.data
-    rows = read_records(d.train, [d.prompt_field, d.response_field])[: d.num_samples]
-    lead = special_prefix(r.tokenizer)
-    return [(lead + p, c) for p, c in (split_encode(r.tokenizer, x[d.prompt_field], x[d.response_field]) for x in rows)]
-
-
-def _loss(r: Ctx, w: Any, items: list[tuple[list[int], list[int]]], real: bool) -> torch.Tensor:
-    """This rank's share of the step's global token-mean NLL (zero weight on a rank with only padding)."""
-    device = next(w.unwrapped.parameters()).device
-    batch = collate_prompted([p for p, _ in items], [c for _, c in items], r.pad_id, r.cfg.train.max_length).to(device)
-    mine = label_tokens(batch.labels).sum() * int(real)
-    tokens = all_reduce_sum(mine.double().reshape(1))
-    logits = w.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return sft_loss(logits, batch.labels).sum() * int(real) * r.world / tokens.to(logits.dtype)
-
-
-def _steps(r: Ctx, n: int) -> list[list[int]]:
-    """This rank's record indices for every step (padded with -1), epochs concatenated."""
-    t, per = r.cfg.train, r.cfg.train.batch_size
-    g = torch.Generator().manual_seed(t.seed)
-    out = []
-    for _ in range(t.epochs):
-        order = torch.randperm(n, generator=g).tolist()
-        for s in range(math.ceil(n / (per * r.world))):
-            glob = order[s * per * r.world : (s + 1) * per * r.world]
-            out.append([glob[i] if i < len(glob) else -1 for i in range(r.rank * per, (r.rank + 1) * per)])
-    return out[: t.max_steps]
-
-
 def train(r: Ctx) -> None:
-    """Fine-tune the adapter on prompt -> response (prompt masked) -> ``models/{adapter,merged}``."""
-    from fisherdist.models.export import export_adapter
-    from fisherdist.models.peft_utils import apply_lora
-    from fisherdist.models.sharded_load import load_wrapped
+    """Train on prompt -> response (prompt masked) -> ``models/{base,adapter,merged}`` or ``models/trained``."""
+    from fisherdist.recipes.lora_run import export_trained, training_model
+    from fisherdist.recipes.optimizers import optimizer_factory
 
-    t, m = r.cfg.train, r.cfg.model
-    w = load_wrapped(m.path, r.dtype, r.cfg.dist.backend, r.env.device, load=m.load, seed=t.seed,
-                     prepare=lambda base: apply_lora(base, r.cfg.lora),
-                     optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=t.lr, weight_decay=0.0),
-                     **r.cfg.backend_options(t.batch_size, None))
-    records, history = _records(r), []
-    for idx in _steps(r, len(records)):
-        real = [i for i in idx if i >= 0]
-        loss = _loss(r, w, [records[i] for i in (real or [0])], bool(real))
-        w.backward(loss)
-        w.step()
-        history.append({"step": len(history) + 1, "nll": float(all_reduce_sum(loss.detach().double().reshape(1))) / r.world})
-    tensors = w.gather_trainable()
+    t, d = r.cfg.train, r.cfg.data
+    records = load_prompted(d.train, r.tokenizer, d.prompt_field, d.response_field, d.num_samples)
+    opt = optimizer_factory(r.cfg.optim, t.lr, t.weight_decay, lambda: r.state["model"])
+    w = training_model(r, t, opt, random_init=r.cfg.init == "random")
+    history = run_sft(w, records, t, r.pad_id, checkpoint_dir=r.out / "checkpoints" / "train")
     r.write_json("train_log.json", history)
-    if r.rank == 0:
-        export_adapter(tensors, m.path, r.cfg.lora, r.out / "models" / "adapter", r.out / "models" / "merged", r.dtype)
-    r.log(f"sft: nll {history[0]['nll']:.4f} -> {history[-1]['nll']:.4f} over {len(history)} steps")
+    path = export_trained(r, w, "merged")
+    r.log(f"{r.cfg.optim.name}: nll {history[0]['nll']:.4f} -> {history[-1]['nll']:.4f} over {len(history)} steps "
+          f"({len(records)} records) -> {path}")
 
 
 STAGES = StageRegistry("sft", [("train", train)])
+COMMANDS = {"sft": "SFT LoRA baseline (configs/sft/tiny.yaml)",
+            "finetune": "fine-tune on {prompt, response}: LoRA or full weights, optim.name adamw | galore | natural_galore",
+            "pretrain": "causal-LM training on plain text, full weights (configs/pretrain/tiny.yaml)"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    config_command(sub, "sft", SftConfig, partial(run_stages, STAGES, [ALL]), help="SFT LoRA baseline (configs/sft/tiny.yaml)",
-                   config_help="YAML config (see configs/sft/)", example="train.epochs=2 dist.nproc=2")
+    for name, text in COMMANDS.items():
+        config_command(sub, name, SftConfig, partial(run_stages, STAGES, [ALL]), help=text,
+                       config_help=f"YAML config (see configs/{name}/)", example="train.epochs=2 dist.nproc=2")

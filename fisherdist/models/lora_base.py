@@ -199,3 +199,21 @@ def _copy_config(src: str | Path, dst: Path) -> None:
     from transformers import AutoConfig
 
     AutoConfig.from_pretrained(src).save_pretrained(dst)
+
+
+def save_adapter(model: nn.Module, out: str | Path, base_dir: str | Path) -> Path:
+    """The live adapter as a PEFT directory (``PeftModel.from_pretrained(base_dir, out)`` loads it).
+    Collective: the factors are gathered (small); rank 0 writes."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    tensors = {n.replace(".default.", "."): t.contiguous() for n, t in lora_tensors(model).items()}
+    with _rank0_dir(Path(out)) as tmp:
+        if tmp is not None:
+            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            config = copy.copy(model.peft_config["default"])
+            config.base_model_name_or_path = str(base_dir)
+            config.save_pretrained(str(tmp))
+    barrier()
+    return Path(out)

@@ -6,6 +6,7 @@ README's ``--merge_alpha`` flag does not exist in the official code; ``weights``
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,3 +54,21 @@ def merge_model_dirs(base_dir: str | Path, model_dirs: Sequence[str | Path], out
         base.save_pretrained(tmp)
         copy_tokenizer(base_dir, tmp)
     return Path(out_dir)
+
+
+def _merge_command(args: argparse.Namespace) -> int:
+    if args.weights is not None and len(args.weights) != len(args.models):
+        raise FisherdistError(f"--weights: got {len(args.weights)} values for {len(args.models)} models")
+    out = merge_model_dirs(args.base, args.models, args.out, args.weights)
+    print(f"merged {len(args.models)} task vectors into {args.base} -> {out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``fisherdist merge MODEL... --base DIR --out DIR [--weights W...]`` (e.g. SUV-TV)."""
+    m = sub.add_parser("merge", help="task-vector merge: W = W0 + sum_m w_m (W_m - W0) on q,k,v,o of HF models")
+    m.add_argument("models", nargs="+", help="HF directories to merge, e.g. a Fisher-run and a projected-run models/unlearned")
+    m.add_argument("--base", required=True, help="the original model directory W0")
+    m.add_argument("--out", required=True, help="output HF directory")
+    m.add_argument("--weights", type=float, nargs="+", help="one weight per model (default 1 each)")
+    m.set_defaults(func=_merge_command)

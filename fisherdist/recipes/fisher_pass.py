@@ -8,11 +8,13 @@ between optimizer steps, not inside a gradient-accumulation window.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fisherdist.data.batches import rank_batches
 from fisherdist.distributed.collectives import rank_world
 from fisherdist.fisher import FisherAccumulator, estimate_fisher
+from fisherdist.fisher.checkpoint import load_fisher, save_fisher
 from fisherdist.recipes.config import FisherPassSettings
 
 
@@ -25,3 +27,26 @@ def run_pass(wrapped: Any, tokens: list[list[int]], settings: FisherPassSettings
     device = next(p for p in wrapped.unwrapped.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     return estimate_fisher(wrapped, batches, settings.spec(params), progress=progress, total=len(batches))
+
+
+def run_passes(wrapped: Any, named_tokens: dict[str, list[list[int]]], settings: FisherPassSettings, params: list[str],
+               pad_id: int, out: Path | None, progress: bool = True) -> dict[str, FisherAccumulator]:
+    """One :func:`run_pass` per named token set, each saved to ``out/fisher_<name>`` (DCP) when ``out`` is
+    given; the caller closes the accumulators."""
+    accs = {}
+    for name, tokens in named_tokens.items():
+        accs[name] = run_pass(wrapped, tokens, settings, params, pad_id, progress)
+        if out is not None:
+            save_fisher(accs[name].state, out / f"fisher_{name}")
+    return accs
+
+
+def load_passes(wrapped: Any, names: list[str], settings: FisherPassSettings, params: list[str],
+                out: Path) -> dict[str, FisherAccumulator]:
+    """The states :func:`run_passes` saved, re-sharded onto this run's layout (any world size / backend)."""
+    accs = {}
+    for name in names:
+        acc = FisherAccumulator(wrapped, settings.spec(params))
+        load_fisher(acc.state, out / f"fisher_{name}")
+        accs[name] = acc
+    return accs

@@ -154,6 +154,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.start_step = 0
         self._base_lrs = [g["lr"] for g in wrapped.optimizer.param_groups] if wrapped.optimizer is not None else []
+        self._announce_resume()
 
     # -- one optimizer step -------------------------------------------------------------------------
     def step(self, batch: StepBatch) -> dict[str, Any]:
@@ -243,12 +244,23 @@ class Trainer:
                               f"{extra.get('fingerprint')} != {self.fingerprint}); delete {self.ckpt.dir} to start afresh")
         self.plan = DataPlan(self.plan.records, int(extra["global_batch"]), self.plan.epochs, self.plan.seed,
                              self.plan.max_steps)
-        meta = self.ckpt.load(self._states(), path)
+        self.ckpt.load(self._states(), path)
         self.start_step, self.history = int(extra["step"]), list(extra["history"])
-        if is_main():
-            print(f"{self.name}: resumed from step {self.start_step} of {self.plan.total_steps} ({path}, written by "
-                  f"{meta['world_size']} ranks under {meta['backend']}; global batch {self.plan.global_batch})",
-                  flush=True)
+
+    def _announce_resume(self) -> None:
+        """Say at once (a resumed command's first line) from which step this run will continue."""
+        path = self.ckpt.latest() if self.ckpt is not None and self.cfg.resume else None
+        if path is None or not is_main():
+            return
+        import json
+
+        from fisherdist.distributed.checkpoint import RUN_META
+
+        meta = json.loads((path / RUN_META).read_text())
+        extra = meta.get("extra", {})
+        print(f"{self.name}: resuming from step {extra.get('step')} of {extra.get('total_steps')} ({path}, written by "
+              f"{meta.get('world_size')} ranks under {meta.get('backend')}; global batch {extra.get('global_batch')})",
+              flush=True)
 
     def _finish(self) -> None:
         """A finished run drops its checkpoints, so the same command later trains afresh."""

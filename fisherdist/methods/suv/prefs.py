@@ -1,9 +1,9 @@
 """SUV stage 2: preference pairs ``(prompt, chosen, rejected)`` from mined rows.
 
-rejected = the verbatim continuation; chosen = a plausible continuation that is *not* verbatim. Chosen
-text comes from a pluggable :class:`ChosenSource`: the target model sampled at a higher temperature
-(default; SUV used a separate instruction-following LLM), another local HF model directory, or a user's
-JSONL file of continuations keyed by prompt. A candidate is accepted when its token LCS with the verbatim
+rejected = the verbatim continuation; chosen = a plausible continuation that is *not* verbatim, from a
+:class:`~fisherdist.eval.continuations.ContinuationSource`: the target model sampled at a higher
+temperature (default; SUV used a separate instruction-following LLM), another local HF model directory,
+or a user's JSONL file of continuations keyed by prompt. A candidate is accepted when its token LCS with the verbatim
 continuation is at most ``max_chosen_lcs``; otherwise up to ``max_tries`` candidates are drawn and the
 least verbatim one is kept with ``flagged: true``. A row whose only candidates equal the verbatim text
 (or are empty) is dropped, so chosen never equals rejected.
@@ -11,20 +11,17 @@ least verbatim one is kept with ``flagged: true``. A row whose only candidates e
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from fisherdist.config import Section, resolve_path
-from fisherdist.data.jsonl import encode, read_records, special_prefix, split_decode, write_jsonl
+from fisherdist.config import Section
+from fisherdist.data.jsonl import encode, read_records, write_jsonl
 from fisherdist.distributed.collectives import is_main
-from fisherdist.errors import FisherdistError
-from fisherdist.eval.generation import Generate, HFGenerator
+from fisherdist.eval.continuations import ContinuationSource, JsonlSource, SamplingSource
 from fisherdist.eval.lcs import lcs_length
-from fisherdist.eval.sharding import map_sharded
 
 
 class PrefsSettings(Section):
@@ -48,69 +45,7 @@ class PrefsSettings(Section):
         return self
 
 
-class ChosenSource(Protocol):
-    """Proposes one candidate chosen text per row for try number ``attempt`` (``None``: nothing more).
-
-    Must return the same proposals on every rank (collective-safe); ``rows`` carry ``prompt``/``verbatim``.
-    """
-
-    def propose(self, rows: Sequence[dict[str, Any]], attempt: int) -> list[str | None]: ...
-
-
-class SamplingSource:
-    """Samples a continuation of the prompt from a causal LM (the target model or another one).
-
-    Row seeds depend on the row's ``index`` and the attempt only, so the samples do not change with the
-    batch size or the number of ranks.
-    """
-
-    def __init__(self, generate: Generate, tokenizer: Any, max_new_tokens: int, seed: int = 0) -> None:
-        self.generate, self.tokenizer = generate, tokenizer
-        self.max_new_tokens, self.seed = max_new_tokens, seed
-
-    @classmethod
-    def from_model(cls, model: Any, tokenizer: Any, settings: PrefsSettings) -> SamplingSource:
-        gen = HFGenerator.for_tokenizer(model, tokenizer, temperature=settings.temperature,
-                                        batch_size=settings.batch_size, progress="sampling chosen")
-        return cls(gen, tokenizer, settings.max_new_tokens, settings.seed)
-
-    @classmethod
-    def from_dir(cls, path: str | Path, settings: PrefsSettings, device: Any = "cpu") -> SamplingSource:
-        """Load a second local HF model directory (its own tokenizer decodes its samples)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        p = resolve_path(path)
-        if not (p / "config.json").is_file():
-            raise FisherdistError(f"prefs.model_path: no Hugging Face model directory at {p} (expected {p}/config.json)")
-        model = AutoModelForCausalLM.from_pretrained(p).to(device)
-        return cls.from_model(model, AutoTokenizer.from_pretrained(p), settings)
-
-    def propose(self, rows: Sequence[dict[str, Any]], attempt: int) -> list[str | None]:
-        lead = special_prefix(self.tokenizer)
-        items = [(encode(self.tokenizer, r["prompt"]), self.seed + 1_000_003 * attempt + int(r["index"])) for r in rows]
-
-        def local(part: list[tuple[list[int], int]]) -> list[str | None]:
-            outs = self.generate([lead + p for p, _ in part], self.max_new_tokens, [sd for _, sd in part])
-            return [split_decode(self.tokenizer, p, o)[1] for (p, _), o in zip(part, outs)]
-
-        return map_sharded(items, local)
-
-
-class JsonlSource:
-    """Continuations written by the user: records ``{prompt, <field>}``; several records for the same
-    prompt are successive candidates (try ``k`` uses the k-th)."""
-
-    def __init__(self, path: str | Path, field: str = "continuation") -> None:
-        self.by_prompt: dict[str, list[str]] = defaultdict(list)
-        for rec in read_records(resolve_path(path), ["prompt", field]):
-            self.by_prompt[rec["prompt"]].append(rec[field])
-
-    def propose(self, rows: Sequence[dict[str, Any]], attempt: int) -> list[str | None]:
-        cands = [self.by_prompt.get(r["prompt"], []) for r in rows]
-        return [c[attempt] if attempt < len(c) else None for c in cands]
-
-
-def make_source(settings: PrefsSettings, model: Any, tokenizer: Any) -> ChosenSource:
+def make_source(settings: PrefsSettings, model: Any, tokenizer: Any) -> ContinuationSource:
     """The source named by ``settings.source`` (``model``/``tokenizer``: the target model, for ``self``)."""
     if settings.source == "self":
         return SamplingSource.from_model(model, tokenizer, settings)
@@ -119,7 +54,7 @@ def make_source(settings: PrefsSettings, model: Any, tokenizer: Any) -> ChosenSo
     return JsonlSource(settings.jsonl_path, settings.jsonl_field)
 
 
-def build_preferences(mined: Sequence[dict[str, Any]], source: ChosenSource, tokenizer: Any,
+def build_preferences(mined: Sequence[dict[str, Any]], source: ContinuationSource, tokenizer: Any,
                       settings: PrefsSettings) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Preference rows ``{prompt, chosen, rejected, book, chosen_lcs, flagged}`` and counts.
 

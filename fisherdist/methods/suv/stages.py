@@ -1,51 +1,34 @@
-"""The generation stages of the SUV recipe (mine, prefs, eval): glue between files and the eval helpers.
+"""The SUV pipeline: mine -> prefs -> fisher -> train (+ export) -> eval, as stages that hand over files.
 
-They run on a plain copy of a model on every rank (or one copy sharded as the run's config says); the
-helpers split windows / texts across ranks and gather, so every rank sees the same results and rank 0
-writes the files. Each takes the run's :class:`~fisherdist.recipes.stages.RunContext`.
+Files under ``out``: ``mined.jsonl``, ``prefs.jsonl`` (stages 1-2), ``fisher_{forbidden,retain}/`` (DCP),
+``train_log.json``, ``models/{base,adapter,unlearned}/``, ``protected.jsonl``, ``report.json`` /
+``report.png``. Every rank runs every stage; rank 0 writes the files. ``fisher`` and ``train`` share the
+wrapped training model (and the barrier) through the context's ``state`` when they run in one process.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fisherdist.data.jsonl import read_records, split_encode, write_jsonl
+from fisherdist.data.jsonl import write_jsonl
 from fisherdist.errors import FisherdistError
 from fisherdist.methods.suv.config import SuvConfig
-from fisherdist.recipes.stages import RunContext
-
-if TYPE_CHECKING:
-    from fisherdist.methods.suv.train import PairTokens
+from fisherdist.recipes.lora_run import plain_model, training_model
+from fisherdist.recipes.preference import PairTokens, load_pairs
+from fisherdist.recipes.stages import RunContext, StageRegistry
 
 Ctx = RunContext[SuvConfig]
 
 
-def plain_model(r: Ctx, path: str | Path) -> Any:
-    """The model at ``path`` to generate with, sharded as this run's config says (see ``load_for_generation``)."""
-    from fisherdist.models.sharded_load import load_for_generation
-
-    if not (Path(path) / "config.json").is_file():
-        raise FisherdistError(f"no Hugging Face model directory at {path} (run the earlier SUV stages first)")
-    return load_for_generation(path, r.dtype, r.env.device, r.cfg.model.load, r.cfg.dist.backend)
-
-
 def mine(r: Ctx) -> None:
     """Stage 1: windows the base model reproduces -> ``mined.jsonl``."""
-    from fisherdist.eval.generation import HFGenerator
-    from fisherdist.eval.memorization import load_passages
-    from fisherdist.methods.suv.mine import mine as mine_rows
+    from fisherdist.methods.suv.mine import mine_file
 
     s = r.cfg.mine
-    passages = load_passages(r.cfg.data.books, r.tokenizer, s.book_field, s.text_field)
-    model = plain_model(r, r.cfg.model.path)
-    gen = HFGenerator.for_tokenizer(model, r.tokenizer, temperature=s.temperature, batch_size=s.batch_size)
-    rows, summary = mine_rows(passages, gen, r.tokenizer, s)
+    rows, summary = mine_file(plain_model(r, r.cfg.model.path), r.tokenizer, r.cfg.data.books, r.out / "mined.jsonl", s)
     if not rows:
         raise FisherdistError(f"mine: no window of {r.cfg.data.books} is reproduced (LCS >= {s.min_lcs} or "
                               f"ROUGE-L >= {s.min_rougeL}); nothing to unlearn")
-    if r.rank == 0:
-        write_jsonl(r.out / "mined.jsonl", rows)
     r.write_json("mine_summary.json", summary)
     r.log(f"mine: {summary}")
 
@@ -60,50 +43,68 @@ def prefs(r: Ctx) -> None:
     r.log(f"prefs: {summary}")
 
 
-def load_pairs(path: Path, tokenizer: Any, max_length: int) -> list[PairTokens]:
-    """``prefs.jsonl`` -> token ids; the prompt carries the tokenizer's special prefix (BOS) as in mining."""
-    from fisherdist.data.jsonl import special_prefix
-    from fisherdist.methods.suv.train import PairTokens
-
-    lead = special_prefix(tokenizer)
-    pairs = []
-    for rec in read_records(path, ["prompt", "chosen", "rejected"]):
-        p, c = split_encode(tokenizer, rec["prompt"], rec["chosen"])
-        _, rej = split_encode(tokenizer, rec["prompt"], rec["rejected"])
-        pairs.append(PairTokens((lead + p)[:max_length], c, rej))
-    return pairs
+def _pairs(r: Ctx) -> list[PairTokens]:
+    return load_pairs(r.out / "prefs.jsonl", r.tokenizer, r.cfg.train.max_length)
 
 
-def _metrics(r: Ctx, model: Any) -> dict[str, Any]:
-    """Memorisation on the protected passages + held-out perplexity + task accuracy of one model."""
-    from fisherdist.eval.memorization import load_passages
-    from fisherdist.eval.suite import evaluate_model
+def _retain(r: Ctx, max_length: int) -> list[list[int]]:
+    from fisherdist.data.batches import load_texts, tokenize
 
-    m, u, data = r.cfg.memorization, r.cfg.utility, r.cfg.data
-    passages = load_passages(data.books, r.tokenizer, m.book_field, m.text_field)
-    heldout = [x[data.text_field] for x in read_records(data.heldout, [data.text_field])] if data.heldout else None
-    task = read_records(data.task, ["prompt", "response"]) if data.task else None
-    summary, _ = evaluate_model(model, r.tokenizer, passages, m, u, heldout, task)
-    return {"memorization": {k: v for k, v in summary.items() if k != "utility"}, **summary["utility"]}
+    d = r.cfg.data
+    return tokenize(load_texts(d.retain, d.text_field, r.cfg.fisher.retain_samples), r.tokenizer, max_length)
 
 
-def protected_rows(r: Ctx) -> list[dict[str, Any]]:
-    """The passages evaluated: ``{book, text, tokens}`` per record of the books file."""
-    m = r.cfg.memorization
-    rows = []
-    for rec in read_records(r.cfg.data.books, [m.book_field, m.text_field]):
-        text = rec[m.text_field]
-        rows.append({"book": rec[m.book_field], "text": text, "tokens": len(r.tokenizer(text)["input_ids"])})
-    return rows
+def fisher(r: Ctx) -> None:
+    """Stage 3: forbidden and retain Fisher of the frozen base -> ``fisher_{forbidden,retain}/``."""
+    from fisherdist.methods.suv.fisher_pass import compute_and_save
+
+    fs = r.cfg.fisher
+    forbid = [p.prompt + p.rejected for p in _pairs(r)[: fs.forbid_samples]]
+    retain = _retain(r, fs.max_length)
+    r.log(f"[bold]fisher[/]: {len(forbid)} forbidden and {len(retain)} retain samples")
+    w = training_model(r, r.cfg.train)
+    r.state["barrier"] = compute_and_save(w, forbid, retain, fs, r.cfg.lora, r.pad_id, r.out)
+
+
+def train(r: Ctx) -> None:
+    """Stage 4: DPO + lambda R_Fisher (+ projection) on the adapter -> ``models/{base,adapter,unlearned}``."""
+    from fisherdist.methods.suv.fisher_pass import load_barrier
+    from fisherdist.methods.suv.train import SuvTrainer
+    from fisherdist.recipes.lora_run import export_trained
+
+    w, t, fs = training_model(r, r.cfg.train), r.cfg.train, r.cfg.fisher
+    if "barrier" not in r.state and fs.enabled:
+        r.state["barrier"] = load_barrier(w, fs, r.cfg.lora, r.out)
+    pairs = _pairs(r)
+    trainer = SuvTrainer(w, pairs, _retain(r, t.max_length) if t.projection else [], t, r.pad_id,
+                         r.state.get("barrier") if fs.enabled else None, checkpoint_dir=r.out / "checkpoints" / "train")
+    r.log(f"[bold]train[/]: {len(pairs)} preference pairs, backend {r.cfg.dist.backend} x {r.world}")
+    history = trainer.run()
+    r.write_json("train_log.json", history)
+    export_trained(r, w, "unlearned")
+    first, last = history[0], history[-1]
+    r.log(f"train: dpo {first['dpo']:.4f} -> {last['dpo']:.4f}, R_Fisher {first['fisher_reg']:.4g} -> "
+          f"{last['fisher_reg']:.4g} over {len(history)} steps")
+
+
+def _metrics(r: Ctx, path: Any) -> dict[str, Any]:
+    from fisherdist.recipes.evaluate import model_metrics
+
+    d = r.cfg.data
+    return model_metrics(r, plain_model(r, path), d.books, r.cfg.memorization, r.cfg.utility, d.heldout, d.task,
+                         d.text_field)
 
 
 def eval(r: Ctx) -> None:
     """Stage 5: before (base) vs after (``models/unlearned``) -> ``report.json``, ``report.png``."""
-    from fisherdist.methods.suv.report import summary_table, write_report
+    from fisherdist.eval.before_after import summary_table, write_report
+    from fisherdist.recipes.evaluate import passage_rows
 
-    before = _metrics(r, plain_model(r, r.cfg.model.path))
-    after = _metrics(r, plain_model(r, r.out / "models" / "unlearned"))
+    before, after = _metrics(r, r.cfg.model.path), _metrics(r, r.out / "models" / "unlearned")
     if r.rank == 0:
-        write_jsonl(r.out / "protected.jsonl", protected_rows(r))
-        report = write_report(r.out, before, after, r.cfg.memorization.main_threshold)
-        summary_table(report)
+        write_jsonl(r.out / "protected.jsonl", passage_rows(r, r.cfg.data.books, r.cfg.memorization))
+        report = write_report(r.out, before, after, r.cfg.memorization.main_threshold, "SUV")
+        summary_table(report, "SUV before / after")
+
+
+STAGES = StageRegistry("suv", [("mine", mine), ("prefs", prefs), ("fisher", fisher), ("train", train), ("eval", eval)])

@@ -1,4 +1,9 @@
-"""The before/after report of an SUV run: ``report.json``, ``report.png`` and a console table."""
+"""The before/after report of a run that removes memorised text (SUV, any unlearning recipe evaluated with
+:func:`fisherdist.recipes.evaluate.model_metrics`): ``report.json``, ``report.png`` and a console table.
+
+Metrics dicts are ``{"memorization": {overall, books, ...}, "perplexity"?, "task"?}``; the plain
+``fisherdist eval memorization`` command writes its own report (:mod:`fisherdist.eval.report`).
+"""
 
 from __future__ import annotations
 
@@ -20,14 +25,16 @@ def _change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_report(out: Path, before: dict[str, Any], after: dict[str, Any], main_threshold: int) -> dict[str, Any]:
+def write_report(out: Path, before: dict[str, Any], after: dict[str, Any], main_threshold: int,
+                 title: str = "before / after") -> dict[str, Any]:
+    """``report.json`` ({main_threshold, before, after, change}) and ``report.png``; returns the report."""
     report = {"main_threshold": main_threshold, "before": before, "after": after, "change": _change(before, after)}
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    plot_report(report, out / "report.png")
+    plot_report(report, out / "report.png", title)
     return report
 
 
-def plot_report(report: dict[str, Any], path: Path) -> None:
+def plot_report(report: dict[str, Any], path: Path, title: str = "before / after") -> None:
     """Left: windows with LCS >= k before/after; right: mean LCS per book before/after."""
     import matplotlib
 
@@ -51,18 +58,18 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     ax2.legend()
     c = report["change"]
     ppl = f", held-out perplexity {c['perplexity_rel_change']:+.1%}" if "perplexity_rel_change" in c else ""
-    fig.suptitle(f"SUV: verbatim windows {c['verbatim_before']} -> {c['verbatim_after']}{ppl}")
+    fig.suptitle(f"{title}: verbatim windows {c['verbatim_before']} -> {c['verbatim_after']}{ppl}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def summary_table(report: dict[str, Any]) -> None:
+def summary_table(report: dict[str, Any], title: str = "before / after") -> None:
     """A short rich table of the headline metrics."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"SUV before / after (verbatim = LCS >= {report['main_threshold']})")
+    table = Table(title=f"{title} (verbatim = LCS >= {report['main_threshold']})")
     for col in ("metric", "before", "after"):
         table.add_column(col, justify="right" if col != "metric" else "left")
     b, a = report["before"], report["after"]

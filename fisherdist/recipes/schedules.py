@@ -1,4 +1,4 @@
-"""lambda schedules for the Fisher regulariser: constant (default) or SUV-AS's adaptive decay."""
+"""Schedules of a regulariser's weight lambda driven by the main loss: constant, or adaptive decay (SUV-AS)."""
 
 from __future__ import annotations
 
