@@ -32,6 +32,7 @@ from fisherdist.errors import FisherdistError
 from fisherdist.fisher.accumulator import FisherAccumulator
 from fisherdist.fisher.backends import detect_backend
 from fisherdist.fisher.spec import FisherSpec
+from fisherdist.fisher.targets import tensor_hook
 
 #: framework wrappers that hold the user's model as ``.module`` (the Trainer hands callbacks the bare model)
 WRAPPERS = ("DeepSpeedEngine", "DistributedDataParallel")
@@ -114,7 +115,7 @@ class FisherTracker:
         logits = getattr(output, "logits", None)
         if labels is None or not isinstance(logits, torch.Tensor) or not logits.requires_grad:
             return
-        logits.register_hook(partial(self._measure, logits.detach(), labels))
+        tensor_hook(logits, partial(self._measure, logits.detach(), labels))
 
     def _measure(self, logits: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor) -> None:
         factors, residual = loss_factors(logits, labels, grad)

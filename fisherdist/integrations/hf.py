@@ -49,7 +49,7 @@ class FisherCallback(TrainerCallback):
             load_fisher(self.tracker.acc.state, self._resume_path(args, state))
 
     def _resume_path(self, args: TrainingArguments, state: TrainerState) -> Path:
-        path = self.resume_from or Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}" / "fisher"
+        path = self.resume_from or Path(str(args.output_dir)) / f"{CHECKPOINT_PREFIX}-{state.global_step}" / "fisher"
         if not (path / ".metadata").is_file():
             raise CheckpointError(f"FisherCallback: the Trainer resumed at step {state.global_step} but {path} holds "
                                   "no Fisher state; pass FisherCallback(resume_from=<checkpoint>/fisher)")
@@ -66,7 +66,7 @@ class FisherCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.tracker is not None:
             self.tracker.check()
-            ckpt = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}"
+            ckpt = Path(str(args.output_dir)) / f"{CHECKPOINT_PREFIX}-{state.global_step}"
             save_fisher(self.tracker.acc.state, ckpt / "fisher")
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
