@@ -80,3 +80,35 @@ def test_fisher_command_logs_trace_and_group_max_of_a_streamed_parquet(tmp_path)
     want = max(float(t.max()) for n, t in fisher.items() if target_group(n) == group)
     assert row[f"fisher/{group}/max"] == pytest.approx(want, rel=1e-6)
     assert _events(tmp_path / "out" / "tensorboard")["fisher/trace"][0][0] == 3
+
+
+def test_recipes_trainer_writes_one_row_per_step(tmp_path):
+    from fisherdist.distributed.wrap import wrap_model
+    from fisherdist.recipes.train_config import OptimSettings
+    from fisherdist.recipes.trainer import StepBatch, TrainHook, Trainer
+
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
+    model = torch.nn.Linear(3, 1).double()
+    w = wrap_model(model, "none", optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.1))
+    seen: list[float] = []
+
+    class Loss(TrainHook):
+        name = "loss"
+
+        def after_step(self, batch: StepBatch, row: dict) -> None:
+            row["loss"] = seen[-1]
+
+    def loss(batch: StepBatch) -> torch.Tensor:
+        idx = torch.tensor([i for i in batch.mine if i >= 0])
+        value = ((model(x[idx]) - y[idx]) ** 2).sum() / batch.n_real
+        seen.append(float(value.detach()))
+        return value
+
+    settings = OptimSettings(lr=0.1, epochs=1, batch_size=4, seed=1, checkpoint_every=None, checkpoint_minutes=None)
+    logger = MetricsLogger(tmp_path)
+    Trainer(w, len(x), settings, loss, hooks=[Loss()], metrics=logger).run(progress=False)
+    logger.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3] and [r["loss"] for r in lines] == seen
+    assert all(r["lr"] > 0 for r in lines) and "samples_per_s" in lines[-1]
