@@ -75,10 +75,11 @@ def stream_rank_batches(texts: Iterable[str], encode: Callable[[str], list[int]]
     i = -1
     for i, text in enumerate(texts):
         mine = (i % per_step) // batch_size == rank
+        tokens = encode(text) if mine or i == 0 else []
         if i == 0:
-            first = encode(text)
+            first = tokens
         if mine:
-            own.append(first if i == 0 and first is not None else encode(text))
+            own.append(tokens)
         if i % per_step == per_step - 1:
             yield collate(own, pad_id, [True] * len(own))
             own = []
