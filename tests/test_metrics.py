@@ -85,7 +85,7 @@ def test_fisher_command_logs_trace_and_group_max_of_a_streamed_parquet(tmp_path)
 def test_recipes_trainer_writes_one_row_per_step(tmp_path):
     from fisherdist.distributed.wrap import wrap_model
     from fisherdist.recipes.train_config import OptimSettings
-    from fisherdist.recipes.trainer import StepBatch, TrainHook, Trainer
+    from fisherdist.recipes.trainer import StepBatch, Trainer, TrainHook
 
     torch.manual_seed(0)
     x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
