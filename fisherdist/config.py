@@ -33,15 +33,15 @@ def resolve_path(value: str | Path) -> Path:
     return Path(text).expanduser()
 
 
-def _existing_file(value: str) -> str:
-    p = resolve_path(value)
-    if not p.is_file():
-        raise ValueError(f"no data file at {p}")
-    return str(p)
+def _data_ref(value: str) -> str:
+    from fisherdist.data.source import check_ref
+
+    return check_ref(value)
 
 
-DataFile = Annotated[str, AfterValidator(_existing_file)]
-"""A config string naming an existing file (``@world/...`` allowed), stored resolved."""
+DataFile = Annotated[str, AfterValidator(_data_ref)]
+"""A data reference (``fisherdist.data.source``): an existing file or dataset directory (``@world/...``
+allowed, stored resolved) or a dataset id, with optional ``?split=...&streaming=true&FIELD=COLUMN``."""
 
 
 class Section(BaseModel):

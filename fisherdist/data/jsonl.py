@@ -40,8 +40,17 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def read_records(path: str | Path, fields: Sequence[str], allow_empty: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Records that each carry a string for every name in ``fields`` (non-empty unless in ``allow_empty``).
 
-    The error names the file, the line and the field, e.g. ``books.jsonl:3: missing string field 'text'``.
+    ``path`` is any data reference (:mod:`fisherdist.data.source`: Parquet, Arrow, CSV, ``save_to_disk``
+    directories, dataset ids, ``?split=...``); a plain JSONL file is read here, and the error names the
+    file, the line and the field, e.g. ``books.jsonl:3: missing string field 'text'``.
     """
+    from fisherdist.data.source import read_any
+
+    return read_any(path, fields, allow_empty)
+
+
+def read_jsonl_records(path: str | Path, fields: Sequence[str], allow_empty: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """:func:`read_records` for a JSON Lines file."""
     records = []
     for lineno, rec in _lines(path):
         for name in fields:

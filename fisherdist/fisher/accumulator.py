@@ -66,6 +66,7 @@ class FisherAccumulator:
         self._delivered: set[str] = set()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._persample: PerSampleStats | None = None
+        self._sample_weights: torch.Tensor | None = None  # the open sample-granularity block's (see rescale)
         if spec.granularity == "sample":
             self._persample = self._make_persample(list(self.targets), self._on_sample_stats)
         elif spec.granularity == "microbatch":
@@ -199,7 +200,8 @@ class FisherAccumulator:
         if self.spec.granularity == "sample":
             weights = mask * tokens if self.spec.token_weighted else mask
             assert self._persample is not None
-            self._persample.set_batch(weights.to(self.dtype), grad_scale=self.backend.grad_scale / loss_scale)
+            self._sample_weights = weights.to(self.dtype)
+            self._persample.set_batch(self._sample_weights, grad_scale=self.backend.grad_scale / loss_scale)
             weight = weights.sum()
         elif self.spec.granularity == "microbatch":
             # an all-padding micro-batch (uneven data across ranks) carries no gradient and no weight
@@ -212,6 +214,19 @@ class FisherAccumulator:
         if count:
             counts.update(samples=mask.sum(), tokens=(tokens * mask).sum())
         return weight.to(self.dtype), counts
+
+    def rescale(self, factors: torch.Tensor) -> None:
+        """Sample granularity, squared statistics: the backward now running carries ``factors[i]`` times
+        sample i's gradient of its mean token NLL, whatever scale ``record()`` assumed (a loss averaged by a
+        framework, measured at the logits by :mod:`fisherdist.integrations.hf`). Call it during backward,
+        before the gradient reaches the targets; a factor of 0 (no label token) leaves the weight as is."""
+        if self._persample is None or self._sample_weights is None or self.spec.granularity != "sample" \
+                or "first" in self.spec.stats:
+            raise FisherdistError("FisherAccumulator.rescale(): needs granularity sample, an estimator with squared "
+                                  "statistics only, and an open record() block")
+        f = factors.to(self._sample_weights)
+        f = torch.where(f == 0, torch.ones_like(f), f)
+        self._persample.set_batch(self._sample_weights / (f * f), grad_scale=1.0)
 
     def cancel(self) -> None:
         """The current ``record()`` block is left without a backward (a NaN retry): it counts nothing."""

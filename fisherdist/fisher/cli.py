@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from fisherdist.commands import config_command
 from fisherdist.config import DataConfig, DistConfig, ModelConfig, Section, check_model_backend
 from fisherdist.fisher.spec import FisherSpec
+from fisherdist.recipes.metrics import LogSettings
 
 
 class FisherRunConfig(Section):
@@ -22,6 +23,7 @@ class FisherRunConfig(Section):
     out: str = Field(description="output directory: fisher/ (DCP state), summary.json, config.yaml")
     checkpoint_every: int = Field(0, ge=0, description="save the state every N micro-batch steps (0: only at the end)")
     resume: bool = Field(True, description="continue from out/fisher if it exists (adds to its counts)")
+    log: LogSettings = Field(default_factory=LogSettings, description="metrics.jsonl, TensorBoard, W&B sinks")
 
     @model_validator(mode="after")
     def _load_fits_backend(self) -> FisherRunConfig:

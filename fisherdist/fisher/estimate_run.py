@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from fisherdist.data.batches import load_texts, rank_batches, tokenize
+from fisherdist.data.batches import data_batches
 from fisherdist.distributed.collectives import DTYPES
 from fisherdist.distributed.env import DistEnv, init_distributed, teardown
 from fisherdist.distributed.preempt import PreemptionHandler
@@ -60,6 +60,19 @@ def _print_summary(summary: dict[str, Any]) -> None:
                   f"{summary['numel_total']:,} Fisher elements")
 
 
+def _log_summaries(cfg: FisherRunConfig, acc: Accumulator, steps: int) -> None:
+    """Trace and max per target group to OUT/metrics.jsonl (and TensorBoard / W&B); the command is a top-level
+    entry point, so it may use the recipes' logger (the engine itself never does)."""
+    if cfg.fisher.estimator == "kfac":
+        return
+    from fisherdist.recipes.metrics import MetricsLogger, fisher_scalars
+
+    values = fisher_scalars(acc)
+    logger = MetricsLogger(cfg.out, cfg.log, config={"fisher": cfg.fisher.model_dump()}, resume=True)
+    logger.log(steps, values)
+    logger.close()
+
+
 def run_fisher(cfg: FisherRunConfig, config_text: str) -> int:
     """Returns the exit status: 0, or ``PREEMPTED_EXIT`` after a checkpoint on SIGUSR1 / SIGTERM."""
     env = init_distributed(require_group=cfg.dist.backend != "none", timeout_s=cfg.dist.timeout_s)
@@ -84,18 +97,18 @@ def _run(cfg: FisherRunConfig, config_text: str, env: DistEnv) -> int:
         load_fisher(acc.state, ckpt)
     counts = acc.state.global_counts()
     consumed = int(counts["samples"] + counts["skipped"])  # resume position, independent of the world size
-    texts = load_texts(cfg.data.path, cfg.data.field, cfg.data.num_samples, cfg.data.shuffle, cfg.data.seed)
-    tokens = tokenize(texts[consumed:], tokenizer, cfg.data.max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = rank_batches(tokens, cfg.data.batch_size, env.rank, env.world_size, pad) if tokens else []
+    d = cfg.data
+    batches, total = data_batches(d.path, d.field, tokenizer, d.max_length, d.batch_size, env.rank, env.world_size,
+                                  skip=consumed, num_samples=d.num_samples, shuffle=d.shuffle, seed=d.seed)
     from rich.progress import Progress
 
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.fisher.seed + env.rank)
     # SIGUSR1 (Slurm --signal) / SIGTERM: finish the micro-batch, checkpoint, exit 75 (requeued under
     # Slurm); the restart resumes from the counts, on any number of processes.
+    step = 0
     with PreemptionHandler() as pre, Progress(disable=env.rank != 0, transient=True) as bar:
-        task = bar.add_task(f"fisher ({cfg.fisher.estimator}, {cfg.fisher.granularity})", total=len(batches))
+        task = bar.add_task(f"fisher ({cfg.fisher.estimator}, {cfg.fisher.granularity})", total=total)
         for step, batch in enumerate(batches, start=1):
             fisher_step(wrapped, acc, {k: v.to(env.device) for k, v in batch.items()}, generator)
             bar.advance(task)
@@ -107,6 +120,7 @@ def _run(cfg: FisherRunConfig, config_text: str, env: DistEnv) -> int:
                 save_fisher(acc.state, ckpt)
     check_health(acc)
     save_fisher(acc.state, ckpt)
+    _log_summaries(cfg, acc, step)
     summary = _summary(acc, time.perf_counter() - start)
     if env.rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from fisherdist.distributed.collectives import all_reduce_sum, barrier, is_main,
 from fisherdist.distributed.preempt import PREEMPTED_EXIT, PreemptionHandler
 from fisherdist.distributed.wrap import Wrapped
 from fisherdist.errors import ConfigError
+from fisherdist.recipes.metrics import MetricsLogger
 from fisherdist.recipes.train_config import OptimSettings
 from fisherdist.recipes.train_state import HookStates, TrainableState
 
@@ -142,7 +143,7 @@ class Trainer:
 
     def __init__(self, wrapped: Wrapped, num_records: int, settings: OptimSettings, loss: LossFn, *,
                  hooks: Sequence[TrainHook] = (), checkpoint_dir: str | Path | None = None, name: str = "train",
-                 fingerprint: str = "") -> None:
+                 fingerprint: str = "", metrics: MetricsLogger | None = None) -> None:
         if num_records <= 0:
             raise ConfigError(f"{name}: no training records")
         self.w, self.cfg, self.loss, self.hooks, self.name = wrapped, settings, loss, list(hooks), name
@@ -152,6 +153,7 @@ class Trainer:
         self.ckpt = RunCheckpointer(checkpoint_dir, settings.keep_checkpoints) if checkpoint_dir is not None else None
         self.fingerprint = config_hash(settings.model_dump_json(exclude=CHECKPOINT_KEYS) + f"|{num_records}|{fingerprint}")
         self.history: list[dict[str, Any]] = []
+        self.metrics = metrics  # per-step rows to metrics.jsonl / TensorBoard / W&B (rank 0 writes)
         self.start_step = 0
         self._base_lrs = [g["lr"] for g in wrapped.optimizer.param_groups] if wrapped.optimizer is not None else []
         self._announce_resume()
@@ -199,6 +201,8 @@ class Trainer:
             for batch in self.plan.steps(self.start_step, self.rank, self.world):
                 row = self.step(batch)
                 self.history.append(row)
+                if self.metrics is not None:
+                    self.metrics.log_step(batch.step, row, self.w.optimizer, samples=batch.n_real)
                 if batch.step % self.cfg.log_every == 0 or batch.step == self.plan.total_steps:
                     bar.update(task, completed=batch.step, info=_describe(row))
                 stop, due = self._decide(pre, last_save, batch.step)

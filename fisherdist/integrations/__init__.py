@@ -1,0 +1,1 @@
+"""Fisher accumulation inside training loops fisherdist does not own (``transformers.Trainer``, accelerate)."""
