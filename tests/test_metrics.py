@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fisherdist.recipes.metrics import LogSettings, MetricsLogger, WandbSettings, scalars, target_group
+from fisherdist.metrics import LogSettings, MetricsLogger, WandbSettings, scalars, target_group
 from tests.tiny_hf import build_model_dir, texts
 
 

@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from fisherdist.commands import config_command
 from fisherdist.config import DataConfig, DistConfig, ModelConfig, Section, check_model_backend
 from fisherdist.fisher.spec import FisherSpec
-from fisherdist.recipes.metrics import LogSettings
+from fisherdist.metrics import LogSettings
 
 
 class FisherRunConfig(Section):

@@ -65,7 +65,7 @@ def _log_summaries(cfg: FisherRunConfig, acc: Accumulator, steps: int) -> None:
     entry point, so it may use the recipes' logger (the engine itself never does)."""
     if cfg.fisher.estimator == "kfac":
         return
-    from fisherdist.recipes.metrics import MetricsLogger, fisher_scalars
+    from fisherdist.metrics import MetricsLogger, fisher_scalars
 
     values = fisher_scalars(acc)
     logger = MetricsLogger(cfg.out, cfg.log, config={"fisher": cfg.fisher.model_dump()}, resume=True)

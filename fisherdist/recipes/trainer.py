@@ -34,7 +34,7 @@ from fisherdist.distributed.collectives import all_reduce_sum, barrier, is_main,
 from fisherdist.distributed.preempt import PREEMPTED_EXIT, PreemptionHandler
 from fisherdist.distributed.wrap import Wrapped
 from fisherdist.errors import ConfigError
-from fisherdist.recipes.metrics import MetricsLogger
+from fisherdist.metrics import MetricsLogger
 from fisherdist.recipes.train_config import OptimSettings
 from fisherdist.recipes.train_state import HookStates, TrainableState
 
