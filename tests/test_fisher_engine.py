@@ -120,3 +120,20 @@ def test_sharded_matches_oracle(sharded_results, granularity, estimator, token_w
     _check(per_rank[0], peft, spec, 2)
     for r in per_rank:  # each rank holds ~1/N of every statistic (+ row padding)
         assert r["local"] <= r["total"] / 2 + 256
+
+
+def _fsdp2_one_rank(rank: int, world: int) -> dict:
+    """FSDP2 on a single rank never calls its reduce-scatter hook: the engine must not rely on it."""
+    out = {}
+    for granularity in ("sample", "microbatch"):
+        w = wrap_model(build(False), "fsdp2")
+        acc = FisherAccumulator(w, FisherSpec(dtype="float64", granularity=granularity, params=FULL))
+        feed(w, acc, rank, world)
+        out[granularity] = {"full": {f: acc.full_fisher(f) for f in acc.targets}}
+    return out
+
+
+def test_fsdp2_on_one_rank_matches_oracle():
+    (result,) = run_distributed(_fsdp2_one_rank, 1, timeout=300)
+    for granularity, r in result.items():
+        _check(r, False, dict(granularity=granularity, params=FULL), 1)
