@@ -112,4 +112,5 @@ def test_kfac_factors_memory_is_the_owned_share_plus_one_bucket():
     for rank, res in enumerate(per_rank):
         for backend, r in res.items():
             assert r["full"] > 60 * MB and r["owned"] < 0.6 * r["full"], (backend, r)
-            assert 0.95 * r["owned"] <= r["peak_stats"] <= r["owned"] + r["bucket"] + 16 * MB, (rank, backend, r)
+            # the one-layer baseline's own factors (2 MiB, on one rank) come off the delta: hence 0.9
+            assert 0.9 * r["owned"] <= r["peak_stats"] <= r["owned"] + r["bucket"] + 16 * MB, (rank, backend, r)

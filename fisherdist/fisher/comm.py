@@ -1,10 +1,11 @@
 """All of the engine's own collectives (kfac-pytorch's "communicator" idea).
 
-Backends fuse statistics into the framework's reduction where they can; what is left (frozen parameters
-whose group has no gradient to reduce, DeepSpeed, which has no reduction hook) goes through
-:class:`BucketedReduceScatter`: fixed-size buckets, each reduced onto the ranks that own its elements, so
-no rank ever holds a full-size send buffer (principle 9). ZeRO streams into it during backward;
-:func:`reduce_scatter_to_owners` feeds it a dict of statistics in one go.
+Backends fuse statistics into the framework's reduction where they can (DDP, FSDP1); what is left (frozen
+parameters whose group has no gradient to reduce, DeepSpeed, which has no reduction hook, K-FAC factors)
+goes through :class:`BucketedReduceScatter`: fixed-size buckets, each reduced onto the ranks that own its
+elements, so no rank ever holds a full-size send buffer (principle 9). ZeRO and K-FAC stream into it during
+backward; :func:`reduce_scatter_to_owners` feeds it a dict of statistics in one go. FSDP2's hook hands
+:class:`ColumnBuckets` statistics already in the gradient's row layout, one unit at a time.
 """
 
 from __future__ import annotations
