@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import sys
@@ -34,6 +35,7 @@ BACKENDS = ("zero2", "zero3", "fsdp2")
 BENCH_MODEL = dict(vocab_size=8000, hidden_size=640, intermediate_size=1728, num_hidden_layers=8,
                    num_attention_heads=8, num_key_value_heads=8)
 ONE_TENSOR = ["model.norm.weight"]
+ONE_LINEAR = ["model.layers.0.self_attn.k_proj.weight"]  # K-FAC's one-tensor run needs a Linear layer
 
 
 class LiveStorages(TorchDispatchMode):
@@ -79,20 +81,23 @@ def _fsdp2_unit_bytes(model: torch.nn.Module, itemsize: int) -> int:
     return max(layers + [root]) * itemsize
 
 
-def _peak(backend: str, cfg: dict[str, int], params: list[str], bucket_mb: float, batch: dict) -> tuple[int, dict]:
+def _peak(backend: str, cfg: dict[str, int], params: list[str], bucket_mb: float, batch: dict,
+          kfac: bool = False) -> tuple[int, dict]:
+    """One Fisher step's peak live bytes; ``kfac``: Kronecker factors of the matched Linear layers."""
     from fisherdist.distributed.wrap import wrap_model
     from fisherdist.fisher import FisherAccumulator, FisherSpec, fisher_step
+    from fisherdist.fisher.kfac import KroneckerFactors
 
     model = llama(cfg)
     w = wrap_model(model, backend, micro_batch_size=batch["input_ids"].shape[0])
     spec = FisherSpec(granularity="sample", params=params, bucket_mb=bucket_mb)
     with LiveStorages() as live:
-        acc = FisherAccumulator(w, spec)
+        acc: KroneckerFactors | FisherAccumulator = KroneckerFactors(w, spec) if kfac else FisherAccumulator(w, spec)
         fisher_step(w, acc, batch)
-        itemsize = torch.finfo(acc.dtype).bits // 8 * len(spec.stats)
+        itemsize = torch.finfo(acc.dtype).bits // 8 * (1 if kfac else len(spec.stats))
+        unit = int(bucket_mb * MB) if backend.startswith("zero") or kfac else _fsdp2_unit_bytes(model, itemsize)
         sizes = {"owned": acc.placement.local_numel() * itemsize, "full": acc.placement.total_numel() * itemsize,
-                 "largest_param": max(math.prod(s) for s in acc.placement.shapes.values()) * itemsize,
-                 "bucket": int(bucket_mb * MB) if backend.startswith("zero") else _fsdp2_unit_bytes(model, itemsize)}
+                 "largest_param": max(math.prod(s) for s in acc.placement.shapes.values()) * itemsize, "bucket": unit}
         acc.close()
         del acc
     del w, model
@@ -100,15 +105,21 @@ def _peak(backend: str, cfg: dict[str, int], params: list[str], bucket_mb: float
     return live.peak, sizes
 
 
-def measure(rank: int, world: int, backends: list[str], cfg: dict[str, int], bucket_mb: float) -> dict[str, dict]:
-    """Per backend: this rank's peak statistics bytes (all-parameter run minus one-tensor run) and sizes."""
+def measure(rank: int, world: int, backends: list[str], cfg: dict[str, int], bucket_mb: float,
+            kfac_params: list[str] | None = None) -> dict[str, dict]:
+    """Per backend: this rank's peak statistics bytes (all-parameter run minus one-tensor run) and sizes;
+    with ``kfac_params``, Kronecker factors of those Linear layers (the one-tensor run: ``ONE_LINEAR``)."""
     g = torch.Generator().manual_seed(rank)
     ids = torch.randint(0, cfg["vocab_size"], (2, 16), generator=g)
     batch = {"input_ids": ids, "labels": ids}
     out = {}
     for backend in backends:
-        base, _ = _peak(backend, cfg, ONE_TENSOR, bucket_mb, batch)
-        peak, sizes = _peak(backend, cfg, ["*"], bucket_mb, batch)
+        if kfac_params is None:
+            base, _ = _peak(backend, cfg, ONE_TENSOR, bucket_mb, batch)
+            peak, sizes = _peak(backend, cfg, ["*"], bucket_mb, batch)
+        else:
+            base, _ = _peak(backend, cfg, ONE_LINEAR, bucket_mb, batch, kfac=True)
+            peak, sizes = _peak(backend, cfg, kfac_params, bucket_mb, batch, kfac=True)
         out[backend] = {"peak_stats": peak - base, **sizes}
     return out
 
@@ -139,16 +150,17 @@ def main() -> None:
     parser.add_argument("--worlds", default="1,2,3")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--bucket-mb", type=float, default=25.0)
+    parser.add_argument("--model", default="{}", help='JSON overrides of BENCH_MODEL, e.g. {"num_hidden_layers": 4}')
     args = parser.parse_args()
+    model = {**BENCH_MODEL, **json.loads(args.model)}
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import json
 
     from bench.report import machine
     from tests.distributed import run_distributed
 
     results: dict[str, dict] = {}
     for world in [int(w) for w in args.worlds.split(",")]:
-        per_rank = run_distributed(measure, world, args.backends.split(","), BENCH_MODEL, args.bucket_mb, timeout=3000)
+        per_rank = run_distributed(measure, world, args.backends.split(","), model, args.bucket_mb, timeout=3000)
         for backend in per_rank[0]:
             worst = max(per_rank, key=lambda r: r[backend]["peak_stats"])[backend]
             results[f"{backend}/{world}"] = {**worst, "per_rank_peak": [r[backend]["peak_stats"] for r in per_rank]}
@@ -157,7 +169,7 @@ def main() -> None:
         out = Path(args.out)  # written after every world size, so a long run leaves what it measured
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"title": "Fisher statistics memory per rank", "machine": machine(),
-                                   "model": BENCH_MODEL, "bucket_mb": args.bucket_mb, "results": results}, indent=1))
+                                   "model": model, "bucket_mb": args.bucket_mb, "results": results}, indent=1))
         _plot(results, out)
         print(f"wrote {out} and {out.with_suffix('.png')}", flush=True)
 

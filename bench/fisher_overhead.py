@@ -58,7 +58,8 @@ def _step(w, acc, batch, loss_fn) -> float:  # noqa: ANN001
     return time.perf_counter() - t0
 
 
-def _worker(rank: int, world: int, port: int, backends: list[str], steps: int, queue) -> None:  # noqa: ANN001
+def _worker(rank: int, world: int, port: int, backends: list[str], steps: int, queue, dtype: str = "float32",  # noqa: ANN001
+            granularities: tuple[str, ...] = tuple(GRANULARITIES)) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -74,8 +75,9 @@ def _worker(rank: int, world: int, port: int, backends: list[str], steps: int, q
         if backend not in WRAPPERS:
             results[backend] = {"skipped": "backend not available in this build"}
             continue
-        for gran in GRANULARITIES:
-            w = wrap_model(tiny_world_sized_llama(), backend, lambda ps: torch.optim.SGD(ps, lr=1e-4))
+        for gran in granularities:
+            model = tiny_world_sized_llama().to(getattr(torch, dtype))  # bf16: float32 statistics ride a 2nd collective
+            w = wrap_model(model, backend, lambda ps: torch.optim.SGD(ps, lr=1e-4))
             try:
                 acc = FisherAccumulator(w, FisherSpec(granularity=gran, params=["*"]))
             except Exception as e:  # noqa: BLE001 - report the case, keep measuring the others
@@ -102,6 +104,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/fisher_overhead.json")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--granularities", default=",".join(GRANULARITIES))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="model dtype; statistics stay float32, so bfloat16 measures their second collective")
+    parser.add_argument("--skip-persample", action="store_true", help="only the backend x granularity table")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from tests.distributed import free_port
@@ -109,7 +115,9 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, args.backends.split(","), args.steps, queue)) for r in range(2)]
+    grans = tuple(args.granularities.split(","))
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, args.backends.split(","), args.steps, queue, args.dtype, grans))
+             for r in range(2)]
     for p in procs:
         p.start()
     results = queue.get()
@@ -118,9 +126,10 @@ def main() -> None:
     from bench.persample import measure
     from bench.report import write_report
 
-    per_sample = measure(reps=args.steps, warmup=2, threads=2)
-    write_report(results, Path(args.out), title="Fisher accumulation overhead (2 gloo ranks, CPU)",
-                 extra={"per_sample_vs_peers": per_sample})
+    extra = {"dtype": args.dtype} if args.skip_persample else {"dtype": args.dtype,
+                                                              "per_sample_vs_peers": measure(reps=args.steps, warmup=2, threads=2)}
+    write_report(results, Path(args.out), title=f"Fisher accumulation overhead (2 gloo ranks, CPU, {args.dtype} model)",
+                 extra=extra)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,23 @@ def test_sharded_matches_oracle(sharded_results, granularity, estimator, token_w
     _check(per_rank[0], peft, spec, 2)
     for r in per_rank:  # each rank holds ~1/N of every statistic (+ row padding)
         assert r["local"] <= r["total"] / 2 + 256
+
+
+def _one_rank(rank: int, world: int) -> dict:
+    """FSDP2 on a single rank never calls its reduce-scatter hook, and ZeRO has nothing to reduce: the
+    engine adds local statistics straight into the sums there."""
+    out = {}
+    for backend in ("fsdp2", "zero2"):
+        for granularity in ("sample", "microbatch"):
+            w = wrap_model(build(False), backend, micro_batch_size=MB)
+            acc = FisherAccumulator(w, FisherSpec(dtype="float64", granularity=granularity, params=FULL))
+            feed(w, acc, rank, world)
+            out[backend, granularity] = {"full": {f: acc.full_fisher(f) for f in acc.targets}}
+    return out
+
+
+def test_one_rank_fsdp2_and_zero_match_oracle(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    (result,) = run_distributed(_one_rank, 1, timeout=400)
+    for (_backend, granularity), r in result.items():
+        _check(r, False, dict(granularity=granularity, params=FULL), 1)

@@ -5,6 +5,8 @@ online (EMA) Fisher and per-matrix summaries."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -161,3 +163,28 @@ def test_summaries_match_dense_and_export(tmp_path):
         for key, want in (("row", dense.sum(1)), ("col", dense.sum(0)), ("total", dense.sum().reshape(1))):
             torch.testing.assert_close(got[f"{k}.{key}"], want, rtol=1e-10, atol=0)
             torch.testing.assert_close(exported[f"{k}.{key}"], want, rtol=1e-6, atol=0)  # saved float32 sums
+
+
+def test_two_sample_accumulators_on_one_model_each_equal_a_lone_one():
+    """Only one collector can swap a Linear's forward for the fused per-sample path; a second accumulator
+    on the same module takes the hook path, and both equal a lone accumulator (closing leaves no swap)."""
+    ids, labels = dataset(RAGGED)
+
+    def run(n: int) -> list[dict[str, torch.Tensor]]:
+        model = tiny_llama()
+        accs = [FisherAccumulator(model, FisherSpec(params=SMALL, dtype="float64")) for _ in range(n)]
+        for (idx,) in micro_batches(RAGGED, 1, MB):
+            with contextlib.ExitStack() as stack:
+                for acc in accs:
+                    stack.enter_context(acc.record(labels[idx]))
+                mean_token_nll(model(input_ids=ids[idx]).logits, labels[idx]).sum().backward()
+            for acc in accs:
+                acc.step()
+            model.zero_grad(set_to_none=True)
+        assert not any("forward" in vars(m) for m in model.modules())
+        return [{k: acc.full_fisher(k) for k in SMALL} for acc in accs]
+
+    (lone,) = run(1)
+    for got in run(2):
+        for k in SMALL:
+            assert_rel_close(got[k], lone[k], k, tol=1e-12)

@@ -61,7 +61,6 @@ class FisherAccumulator:
         self._weight = torch.zeros((), dtype=self.dtype, device=self._device)
         self._counts: dict[str, torch.Tensor] = {}  # the open record() block's
         self._step_counts: dict[str, torch.Tensor] = {}  # every finished record() block since the last step()
-        self._decay_due: set[str] = set()
         self._pending: dict[str, list[torch.Tensor]] = {}
         self._delivered: set[str] = set()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -70,9 +69,12 @@ class FisherAccumulator:
         if spec.granularity == "sample":
             self._persample = self._make_persample(list(self.targets), self._on_sample_stats)
         elif spec.granularity == "microbatch":
-            if self.frozen:  # no autograd gradient: the micro-batch's is the sum of per-sample ones
-                self._persample = self._make_persample(sorted(self.frozen), self._on_frozen_grad)
-            if not self.backend.fuses_local_grads:
+            # no autograd gradient (frozen, or a backend whose gradients bypass the parameters' hooks): the
+            # micro-batch's gradient is the sum of the per-sample ones
+            blind = self.frozen if self.backend.fuses_local_grads or self.backend.hooks_param_grads else set(self.targets)
+            if blind:
+                self._persample = self._make_persample(sorted(blind), self._on_frozen_grad)
+            if not self.backend.fuses_local_grads and len(blind) < len(self.targets):
                 self._hook_param_grads()
         if not batch:
             self.backend.install(self)
@@ -126,12 +128,20 @@ class FisherAccumulator:
         want_first = "first" in self.spec.stats or self.spec.granularity == "microbatch"
         return PerSampleStats(modules, want_first=want_first, on_ready=on_ready, dtype=self.dtype)
 
+    def _keep(self, fqn: str, stats: list[torch.Tensor]) -> None:
+        """Local statistics wait for the backend's reduction; on one rank there is none (FSDP2 skips its
+        reduce-scatter hook there), so they go straight into the sums instead of piling up until step()."""
+        if self.placement.world == 1:
+            self.deliver(fqn, stats)
+        else:
+            self._pending[fqn] = stats
+
     def _on_sample_stats(self, fqn: str, stats: list[torch.Tensor]) -> None:
-        self._pending[fqn] = stats[1:] if self.spec.stats == ("first",) else stats
+        self._keep(fqn, stats[1:] if self.spec.stats == ("first",) else stats)
 
     def _on_frozen_grad(self, fqn: str, stats: list[torch.Tensor]) -> None:
-        """Micro-batch granularity, frozen target: ``first`` (unit weights) is its local gradient."""
-        self._pending[fqn] = self._square(stats[1])
+        """Micro-batch granularity, a target no gradient hook sees: ``first`` (unit weights) is its gradient."""
+        self._keep(fqn, self._square(stats[1]))
 
     def _hook_param_grads(self) -> None:
         """Microbatch statistics from the incoming (local, unreduced) gradient of each trainable target."""
@@ -141,7 +151,7 @@ class FisherAccumulator:
 
             def hook(grad: torch.Tensor, fqn: str = fqn) -> None:
                 if self._recording:
-                    self._pending[fqn] = self._square(grad)
+                    self._keep(fqn, self._square(grad))
 
             self._handles.append(tensor_hook(p, hook))
 
@@ -180,9 +190,9 @@ class FisherAccumulator:
             raise FisherdistError(f"FisherAccumulator.record(state={name!r}) inside an optimizer step that records "
                                   f"into another state; call acc.step() first")
         self._active, self._active_name = self._state(name), name
-        if name in self._decay_due and self.spec.decay is not None:
+        if self._active.decay_due and self.spec.decay is not None:
             self._active.decay(self.spec.decay)
-        self._decay_due.discard(name)
+        self._active.decay_due = False
 
     def _weigh(self, labels: torch.Tensor | None, valid: torch.Tensor | None, loss_scale: float,
                count: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -245,7 +255,7 @@ class FisherAccumulator:
         self._pending.clear()
         self._delivered.clear()
         if optimizer_step:
-            self._decay_due.add(self._active_name)
+            self._active.decay_due = True
 
     def _add_reduced_grads(self) -> None:
         for fqn, p in self.targets.items():

@@ -1,10 +1,11 @@
 """All of the engine's own collectives (kfac-pytorch's "communicator" idea).
 
-Backends fuse statistics into the framework's reduction where they can; what is left (frozen parameters
-whose group has no gradient to reduce, DeepSpeed, which has no reduction hook) goes through
-:class:`BucketedReduceScatter`: fixed-size buckets, each reduced onto the ranks that own its elements, so
-no rank ever holds a full-size send buffer (principle 9). ZeRO streams into it during backward;
-:func:`reduce_scatter_to_owners` feeds it a dict of statistics in one go.
+Backends fuse statistics into the framework's reduction where they can (DDP, FSDP1); what is left (frozen
+parameters whose group has no gradient to reduce, DeepSpeed, which has no reduction hook, K-FAC factors)
+goes through :class:`BucketedReduceScatter`: fixed-size buckets, each reduced onto the ranks that own its
+elements, so no rank ever holds a full-size send buffer (principle 9). ZeRO and K-FAC stream into it during
+backward; :func:`reduce_scatter_to_owners` feeds it a dict of statistics in one go. FSDP2's hook hands
+:class:`ColumnBuckets` statistics already in the gradient's row layout, one unit at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -22,6 +24,14 @@ DEFAULT_BUCKET_MB = 25.0  # DeepSpeed's default reduce bucket is 5e8 elements; 2
 BALANCED_PADDING = 1.125  # reduce-scatter a bucket when padding it to equal per-rank segments costs <= 12.5 %
 
 Deliver = Callable[[str, list[torch.Tensor]], None]
+
+
+class StatOwner(Protocol):
+    """Where reduced statistics go: the accumulator (its placement says how much of a row is real)."""
+
+    placement: Placement
+
+    def deliver(self, fqn: str, fragments: list[torch.Tensor]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -101,13 +111,16 @@ class BucketedReduceScatter:
     a bucket goes out once all its parameters arrived AND every earlier bucket went, so every rank issues
     the same collectives in the same order whatever order the statistics arrive in. :meth:`flush` sends
     what is left, with zeros for statistics that never came (parameters unused on this rank). ``deliver``
-    receives this rank's whole fragment of each parameter once its last bucket is reduced. Peak memory:
-    the open buckets (one when arrivals follow ``order``) plus the owned fragments being assembled.
+    receives this rank's whole fragment of each parameter once its last bucket is reduced; with ``into``
+    (this rank's running sums of a parameter, one flat tensor per statistic) each reduced piece is added
+    there directly and nothing is assembled. Peak memory: the open buckets (one when arrivals follow
+    ``order``) plus, without ``into``, the owned fragments being assembled.
     """
 
     def __init__(self, placement: Placement, order: list[str], n_stats: int, bucket_numel: int,
-                 deliver: Deliver, group: dist.ProcessGroup | None = None) -> None:
-        self.placement, self.n_stats, self.deliver, self.group = placement, n_stats, deliver, group
+                 deliver: Deliver | None, group: dist.ProcessGroup | None = None,
+                 into: Callable[[str], list[torch.Tensor]] | None = None) -> None:
+        self.placement, self.n_stats, self.deliver, self.group, self.into = placement, n_stats, deliver, group, into
         numels = {f: math.prod(placement.shapes[f]) for f in order}
         self.buckets = [route(run, placement) for run in cut_buckets(numels, n_stats, max(1, bucket_numel))]
         self.of_fqn: dict[str, list[int]] = {f: [] for f in order}
@@ -136,7 +149,7 @@ class BucketedReduceScatter:
                 if p.fqn == fqn:
                     buf[p.offset : p.offset + p.hi - p.lo].copy_(flat[p.stat][p.lo : p.hi])
             self._missing[j] -= 1
-        self._drain()
+            self._drain()  # a large parameter's buckets go out one by one, not all open at once
 
     def flush(self, like: torch.Tensor) -> None:
         """Send every bucket still open (missing statistics count as zeros) and start over."""
@@ -145,7 +158,7 @@ class BucketedReduceScatter:
             self._missing[j] = 0
         self._drain()
         for fqn, buckets in self.of_fqn.items():
-            if not buckets:  # zero-element parameter: nothing travels
+            if not buckets and self.deliver is not None:  # zero-element parameter: nothing travels
                 self.deliver(fqn, [like.new_zeros(0) for _ in range(self.n_stats)])
         self.reset()
 
@@ -174,10 +187,13 @@ class BucketedReduceScatter:
         for p in bucket.pieces:
             if p.rank == rank:
                 frag_start = self.placement.ranges[p.fqn][rank][0]
-                self._stage(p.fqn, mine)[p.stat][p.lo - frag_start : p.hi - frag_start].copy_(
-                    mine[p.offset - base : p.offset - base + p.hi - p.lo])
+                src = mine[p.offset - base : p.offset - base + p.hi - p.lo]
+                if self.into is not None:
+                    self.into(p.fqn)[p.stat][p.lo - frag_start : p.hi - frag_start].add_(src)
+                else:
+                    self._stage(p.fqn, mine)[p.stat][p.lo - frag_start : p.hi - frag_start].copy_(src)
         for fqn in bucket.fqns:
-            if self.of_fqn[fqn][-1] == j:  # this parameter's last bucket: its fragment is complete
+            if self.of_fqn[fqn][-1] == j and self.deliver is not None:  # its last bucket: the fragment is complete
                 self.deliver(fqn, self._stage(fqn, mine, pop=True))
 
     def _stage(self, fqn: str, like: torch.Tensor, pop: bool = False) -> list[torch.Tensor]:
@@ -228,3 +244,46 @@ def dim0_chunk_layout(t: torch.Tensor, world: int) -> torch.Tensor:
     if chunk * world != rows:
         t = torch.cat([t, t.new_zeros(chunk * world - rows, t.shape[1])])
     return t.reshape(world, -1)
+
+
+class ColumnBuckets:
+    """Statistics already laid out ``(world, width)`` (row r goes to rank r), reduce-scattered in buckets of
+    at most ``bucket_bytes`` (a larger single block goes alone, uncopied) and handed to their sinks.
+
+    The caller adds one parameter's statistics at a time and drops its references, so a rank holds the
+    blocks of one bucket, its send copy and its received row, never all of a unit's statistics twice.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, bucket_bytes: int) -> None:
+        self.group, self.bucket_bytes = group, bucket_bytes
+        self._blocks: list[torch.Tensor] = []
+        self._owners: list[tuple[StatOwner, str, list[int]]] = []  # (sink, fqn, widths of its statistics)
+        self._bytes = 0
+
+    def add(self, sink: StatOwner, fqn: str, blocks: list[torch.Tensor]) -> None:
+        nbytes = sum(b.numel() * b.element_size() for b in blocks)
+        if self._blocks and (self._bytes + nbytes > self.bucket_bytes or blocks[0].dtype != self._blocks[0].dtype):
+            self.flush()
+        self._blocks += blocks
+        self._owners.append((sink, fqn, [b.shape[1] for b in blocks]))
+        self._bytes += nbytes
+
+    def flush(self) -> None:
+        """Reduce-scatter the open bucket (one collective) and deliver each rank's row of it."""
+        if not self._blocks:
+            return
+        blocks, owners = self._blocks, self._owners
+        self._blocks, self._owners, self._bytes = [], [], 0
+        send = blocks[0].contiguous() if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        del blocks
+        recv = send.new_empty(send.shape[1])
+        dist.reduce_scatter_single(recv, send.reshape(-1), group=self.group)
+        del send
+        pos = 0
+        for sink, fqn, widths in owners:
+            numel = sink.placement.ranges[fqn][sink.placement.rank][1]
+            frags = []
+            for w in widths:
+                frags.append(recv[pos : pos + w][:numel])
+                pos += w
+            sink.deliver(fqn, frags)

@@ -3,8 +3,12 @@
 For a Linear layer with inputs a_m and output gradients g_m at every token m (g of the per-sample loss),
 F ~ A (x) G with A = (1/M) sum_m a_m a_m^T (M tokens; a gets a trailing 1 when the layer has a bias) and
 G = (1/N) sum_m g_m g_m^T (N samples). Activations are whole even under FSDP / ZeRO-3, so each rank forms
-local sums in module hooks; one reduce-scatter (``comm.reduce_scatter_to_owners`` over an ``owned``
-placement) lands every factor whole on the rank that will invert it, instead of all-reducing to everyone.
+a layer's local factors in its backward hook and streams them straight into a
+:class:`~fisherdist.fisher.comm.BucketedReduceScatter` over an ``owned`` placement (``fisher.bucket_mb``
+buckets, backward's layer order): every factor lands whole on the rank that will invert it, added into its
+running sum piece by piece. Peak per rank: the owned factors + one bucket + the layer's local factors
+being formed, on every backend (the ZeRO bound of the diagonal statistics; ``tests/test_fisher_memory.py``).
+Whatever a backward did not reach goes out as zeros when it ends, so every rank issues the same collectives.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from fisherdist.distributed.collectives import DTYPES
 from fisherdist.errors import FisherdistError
 from fisherdist.fisher.api import DEFAULT_STATE
 from fisherdist.fisher.backends import make_backend
-from fisherdist.fisher.comm import reduce_scatter_to_owners
+from fisherdist.fisher.backends.zero_internals import at_backward_end
+from fisherdist.fisher.comm import BucketedReduceScatter, bucket_numel
 from fisherdist.fisher.layout import Placement
 from fisherdist.fisher.spec import FisherSpec
 from fisherdist.fisher.state import FisherState
@@ -64,13 +69,15 @@ class KroneckerFactors:
                 "shapes": {f: list(s) for f, s in shapes.items()}, **self.backend.describe()}
         self.state = FisherState(self.placement, ("sum",), meta, dtype=self.dtype, device=self._device,
                                  group=self.backend.group)
-        self._pending: dict[str, list[torch.Tensor]] = {}
+        order = [f"{n}.{side}" for n in reversed(self.layers) for side in self.sides]  # backward's order
+        self._reducer = BucketedReduceScatter(self.placement, order, 1, bucket_numel(spec.bucket_mb, self.dtype), None,
+                                              self.backend.group, into=lambda f: [self.state.buffers["sum"][f]])
+        self._armed = False
         self._inputs: dict[str, torch.Tensor] = {}
         self._token_mask = torch.zeros(0)
         self._grad_scale = 1.0
         self._counts: dict[str, torch.Tensor] = {}
         self._step_counts: dict[str, torch.Tensor] = {}
-        self._decay_due = False
         self._recording = False
         self._handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in self.layers.items()]
 
@@ -88,14 +95,24 @@ class KroneckerFactors:
         return hook
 
     def _backward(self, name: str, grad: torch.Tensor) -> None:
+        """The layer's local factors, handed to the reducer one at a time (the bucket copies them)."""
+        if not self._armed:
+            self._armed = True
+            at_backward_end(self._end_backward)
         with torch.no_grad():
             mask = self._token_mask.to(self.dtype).reshape(*grad.shape[:-1], 1)
-            g2 = (grad.to(self.dtype) * self._grad_scale * mask).reshape(-1, grad.shape[-1])
-            self._pending[f"{name}.G"] = [g2.T @ g2]
             if "A" in self.sides:
                 a = self._inputs.pop(name).to(self.dtype)
                 a2 = (a * mask).reshape(-1, a.shape[-1])
-                self._pending[f"{name}.A"] = [a2.T @ a2]
+                self._reducer.add(f"{name}.A", [a2.T @ a2])
+                del a, a2
+            g2 = (grad.to(self.dtype) * self._grad_scale * mask).reshape(-1, grad.shape[-1])
+            self._reducer.add(f"{name}.G", [g2.T @ g2])
+
+    def _end_backward(self) -> None:
+        """Factors of layers this backward did not reach go out as zeros (same collectives on every rank)."""
+        self._armed = False
+        self._reducer.flush(torch.zeros((), dtype=self.dtype, device=self._device))
 
     @contextlib.contextmanager
     def record(self, labels: torch.Tensor | None = None, *, valid: torch.Tensor | None = None,
@@ -105,9 +122,9 @@ class KroneckerFactors:
         counts when ``labels[t + 1] != -100`` (the last position never does)."""
         if labels is None or state != DEFAULT_STATE:
             raise FisherdistError("K-FAC record() needs labels and keeps one (the default) state")
-        if self._decay_due and self.spec.decay is not None:
+        if self.state.decay_due and self.spec.decay is not None:
             self.state.decay(self.spec.decay)
-        self._decay_due = False
+        self.state.decay_due = False
         sample_ok = torch.ones(labels.shape[0], device=labels.device) if valid is None else valid.to(torch.float32)
         carries = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
         carries[:, :-1] = (labels[:, 1:] != -100).to(torch.float32)
@@ -131,14 +148,10 @@ class KroneckerFactors:
         self._counts = {}
 
     def step(self, *, optimizer_step: bool = True) -> None:
-        local = {}
-        for fqn, shape in self.placement.shapes.items():
-            local[fqn] = self._pending.pop(fqn, []) or [torch.zeros(shape, dtype=self.dtype, device=self._device)]
-        for fqn, frags in reduce_scatter_to_owners(local, self.placement, self.backend.group).items():
-            self.state.add("sum", fqn, frags[0])
+        """Close the step's counts; the factors were reduced into the sums during each backward."""
         self.state.count(steps=1.0, **self._step_counts)
         self._step_counts = {}
-        self._decay_due = optimizer_step
+        self.state.decay_due = optimizer_step
 
     def owned(self) -> list[str]:
         """Layers whose factors live on this rank."""

@@ -165,8 +165,10 @@ class PerSampleStats:
             return
         self._pending.clear()
         for mod in self._by_module:
-            # only a stock forward may be replaced: subclasses (bitsandbytes Linear4bit, ...) use the hook path
-            if self.fused and isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward:
+            # only a stock forward may be replaced: subclasses (bitsandbytes Linear4bit, ...) use the hook path,
+            # and so does a second collector on a module another one (another accumulator) already swapped
+            stock = type(mod).forward is nn.Linear.forward and "forward" not in vars(mod)
+            if self.fused and isinstance(mod, nn.Linear) and stock:
                 object.__setattr__(mod, "forward", types.MethodType(_fused_forward, mod))  # instance attribute
                 _OWNERS[mod] = self
                 self._swapped.append(mod)

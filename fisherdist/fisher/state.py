@@ -65,6 +65,9 @@ class FisherState:
         }
         self.local_counts = {c: torch.zeros((), dtype=torch.float64, device=device) for c in COUNTERS}
         self.base_counts = {c: 0.0 for c in COUNTERS}
+        #: an online Fisher decays before the first statistics of the next optimizer step: set by the
+        #: accumulator at an optimizer step, and by a load (checkpoints are taken between optimizer steps)
+        self.decay_due = False
 
     # -- accumulation -------------------------------------------------------------------------------
     def add(self, stat: str, fqn: str, fragment_values: torch.Tensor) -> None:
@@ -92,6 +95,7 @@ class FisherState:
         for c in COUNTERS:
             self.local_counts[c].zero_()
             self.base_counts[c] = 0.0
+        self.decay_due = False
 
     # -- reading ------------------------------------------------------------------------------------
     def global_counts(self) -> dict[str, float]:
@@ -143,4 +147,5 @@ class FisherState:
         self.base_counts = {c: float(state["counts"][c]) for c in COUNTERS}
         for c in COUNTERS:
             self.local_counts[c].zero_()
+        self.decay_due = self.base_counts["steps"] > 0
         self.meta["resumed_from"] = saved_meta

@@ -42,6 +42,8 @@ class Backend(ABC):
     name: str = ""
     #: True when the adapter itself feeds local gradients (microbatch) into its fused reduction.
     fuses_local_grads: bool = False
+    #: False when autograd hooks on the target parameters never see their gradients (FSDP2 writes them).
+    hooks_param_grads: bool = True
     #: The factor that turns the gradients the hooks see into gradients of the user's loss.
     grad_scale: float = 1.0
 

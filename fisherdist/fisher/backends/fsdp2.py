@@ -1,9 +1,14 @@
-"""FSDP2 (``fully_shard``): statistics ride in FSDP2's own reduce-scatter.
+"""FSDP2 (``fully_shard``): statistics reduced inside FSDP2's reduce-scatter hook, unit by unit.
 
-``FSDPModule.set_custom_reduce_scatter`` receives the chunk-concatenated local gradients of one parameter
-group, laid out ``(world, shard_numel)``. We append the local statistics of the group's target parameters
-in the same dim-0 chunk layout as extra columns and issue ONE ``reduce_scatter_tensor``: the gradient half
-is handed back to FSDP untouched, the statistics half lands on the rank that owns those rows.
+``FSDPModule.set_custom_reduce_scatter`` is called with the chunk-concatenated local gradients of one
+parameter group, laid out ``(world, shard_numel)``. We let FSDP reduce its gradients as it would, then,
+in the same call (same group, same stream), reduce-scatter the group's statistics laid out in the same
+dim-0 chunk layout, so they land on the rank that owns those rows. They travel in their own collectives
+of at most ``fisher.bucket_mb`` (:class:`~fisherdist.fisher.comm.ColumnBuckets`), in their own dtype:
+fusing them into the gradient's collective (principle 2) meant copying the unit's gradients and
+statistics into one send buffer next to a second output buffer, and measured 2.5x the full statistics
+per rank (principle 9 wins); now a rank holds its owned share, the unit's statistics being formed and
+one bucket (``tests/test_fisher_memory.py``, BENCHMARKS.md).
 
 Private attributes used (checked by ``tests/test_contracts.py`` for the pinned torch range):
 ``FSDPModule._get_fsdp_state()._fsdp_param_groups``, ``FSDPParamGroup.fsdp_params``,
@@ -25,34 +30,26 @@ from torch.distributed.tensor import DTensor
 
 from fisherdist.errors import FisherdistError
 from fisherdist.fisher.backends.base import Backend, StatSink
-from fisherdist.fisher.backends.fused import SinkSet, reduce_scatter_columns
-from fisherdist.fisher.comm import dim0_chunk_layout
+from fisherdist.fisher.backends.fused import SinkSet
+from fisherdist.fisher.comm import DEFAULT_BUCKET_MB, ColumnBuckets, dim0_chunk_layout
 from fisherdist.fisher.layout import Placement
 from fisherdist.fisher.targets import param_shape
 
-_COMM = "_fisherdist_reduce_scatter"  # our FusedStatsReduceScatter on an FSDPModule
+_COMM = "_fisherdist_reduce_scatter"  # our StatsReduceScatter on an FSDPModule
 
 
-def _divide_factors(param_group: FSDPParamGroup, group: dist.ProcessGroup, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
-    """``(pre, sum_scale)``: FSDP divided its input by ``pre`` (fp16/fp64 overflow guard) and the collective
-    scales a sum by ``1/sum_scale`` (AVG, PREMUL_SUM). Statistics undo both, so they stay plain sums."""
-    pre, _post, op, _ = _get_gradient_divide_factors(
+def _predivide(param_group: FSDPParamGroup, group: dist.ProcessGroup, dtype: torch.dtype, device: torch.device) -> float:
+    """FSDP divided its input by this factor (fp16/fp64 overflow guard); statistics formed from it undo it."""
+    pre, _post, _op, _ = _get_gradient_divide_factors(
         group, None, dtype, device.type,
         param_group.gradient_divide_factor,
         param_group.force_sum_reduction_for_comms,
     )
-    world = group.size()
-    if op == dist.ReduceOp.AVG:
-        scale = float(world)
-    elif op == dist.ReduceOp.SUM:
-        scale = 1.0
-    else:  # PREMUL_SUM(1 / gradient_divide_factor)
-        scale = float(param_group.gradient_divide_factor or world)
-    return float(pre or 1.0), scale
+    return float(pre or 1.0)
 
 
-class FusedStatsReduceScatter(DefaultReduceScatter):
-    """One FSDP2 parameter group's reduce-scatter, carrying [gradients | statistics of every accumulator]."""
+class StatsReduceScatter(DefaultReduceScatter):
+    """One FSDP2 parameter group's reduce-scatter: FSDP's gradients, then the statistics of every accumulator."""
 
     def __init__(self, param_group: FSDPParamGroup) -> None:
         self.group_state = param_group
@@ -85,49 +82,45 @@ class FusedStatsReduceScatter(DefaultReduceScatter):
             pos += n
         return cols
 
-    def _stats(self, input_2d: torch.Tensor, pre: float) -> tuple[list[torch.Tensor], list[tuple[StatSink, str, int]]]:
-        """Every recording sink's statistics of this group's targets in the dim-0 chunk layout."""
+    def _reduce_stats(self, input_2d: torch.Tensor, group: dist.ProcessGroup) -> None:
+        """Form every recording sink's statistics of this group's targets one parameter at a time (dim-0
+        chunk layout) and reduce-scatter them in buckets, so at most one bucket is copied at a time."""
         world = input_2d.shape[0]
-        blocks, owners = [], []
+        pre = _predivide(self.group_state, group, input_2d.dtype, input_2d.device)
         grad_cols: dict[int, torch.Tensor] | None = None
+        buckets: ColumnBuckets | None = None
         for sink in self.sinks.recording():
             if sink.fuses_grads and grad_cols is None:
                 grad_cols = self._grad_columns(input_2d)
+            if buckets is None:
+                spec = getattr(sink, "spec", None)
+                buckets = ColumnBuckets(group, int(float(getattr(spec, "bucket_mb", DEFAULT_BUCKET_MB)) * 2**20))
             for fp, fqn in self.targets[id(sink)]:
                 col = grad_cols.get(id(fp)) if sink.fuses_grads and grad_cols is not None else None
                 stats = sink.local_stats(fqn, None if col is None else col * pre)  # predivide undone
-                if stats is None:
-                    continue
-                blocks += [t if col is not None else dim0_chunk_layout(t, world) for t in stats]
-                owners.append((sink, fqn, len(stats)))
-        return blocks, owners
+                if stats is not None:
+                    buckets.add(sink, fqn, [t if col is not None else dim0_chunk_layout(t, world) for t in stats])
+        if buckets is not None:
+            buckets.flush()
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,  # type: ignore[override]
                  op: dist.ReduceOp.RedOpType, async_op: bool = False) -> dist.Work | None:
-        """FSDP2 ignores the result; the fused path is synchronous and returns None."""
-        world = group.size()
-        pre, scale = _divide_factors(self.group_state, group, input_tensor.dtype, input_tensor.device)
-        input_2d = input_tensor.view(world, -1)
-        blocks, owners = self._stats(input_2d, pre)
-        if not blocks:
-            return super().__call__(output_tensor, input_tensor, group, op, async_op)
-        grad_out, outs, fused = reduce_scatter_columns(input_2d, blocks, group, op)
-        assert grad_out is not None
-        output_tensor.copy_(grad_out)
-        k = 0
-        for sink, fqn, n in owners:
-            numel = sink.placement.ranges[fqn][sink.placement.rank][1]
-            sink.deliver(fqn, [outs[k + j][:numel] * (scale if fused[k + j] else 1.0) for j in range(n)])
-            k += n
-        return None
+        work = super().__call__(output_tensor, input_tensor, group, op, async_op)
+        if any(True for _ in self.sinks.recording()):
+            self._reduce_stats(input_tensor.view(group.size(), -1), group)
+        return work
 
 
 class FSDP2Backend(Backend):
     name = "fsdp2"
     fuses_local_grads = True
+    hooks_param_grads = False
 
     def __init__(self, model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
         super().__init__(model, group)
+        # on one rank FSDP2 never calls its reduce-scatter hook, and it assigns the sharded parameters'
+        # gradients outside autograd: the accumulator forms micro-batch gradients from per-sample ones
+        self.fuses_local_grads = self.world > 1
         self._placement: Placement | None = None
         self._installed: list[FSDPModule] = []
 
@@ -140,7 +133,7 @@ class FSDP2Backend(Backend):
         return self._placement
 
     def install(self, sink: StatSink) -> None:
-        """One ``FusedStatsReduceScatter`` per FSDP module (the last ``set_custom_reduce_scatter`` wins), shared
+        """One ``StatsReduceScatter`` per FSDP module (the last ``set_custom_reduce_scatter`` wins), shared
         by every accumulator on the model."""
         for module in self.model.modules():
             if not isinstance(module, FSDPModule):
@@ -152,7 +145,7 @@ class FSDP2Backend(Backend):
                 continue
             comm = getattr(module, _COMM, None)
             if comm is None:
-                comm = FusedStatsReduceScatter(groups[0])
+                comm = StatsReduceScatter(groups[0])
                 if not comm.add(sink):
                     continue
                 module.set_custom_reduce_scatter(comm)
@@ -164,7 +157,7 @@ class FSDP2Backend(Backend):
     def remove(self, sink: StatSink) -> None:
         for module in self._installed:
             comm = getattr(module, _COMM, None)
-            if isinstance(comm, FusedStatsReduceScatter) and comm.sinks.discard(sink):
+            if isinstance(comm, StatsReduceScatter) and comm.sinks.discard(sink):
                 module.set_custom_reduce_scatter(DefaultReduceScatter())
                 delattr(module, _COMM)
         self._installed.clear()

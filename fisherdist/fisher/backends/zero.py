@@ -74,7 +74,8 @@ class ZeroBackend(Backend):
 
     def install(self, sink: StatSink) -> None:
         assert self._placement is not None, "placement() must run before install()"
-        self._stream = _Stream(sink, self._placement, self.group, self.unwrapped)
+        if self.world > 1:  # one rank: the accumulator adds its local statistics straight into the sums
+            self._stream = _Stream(sink, self._placement, self.group, self.unwrapped)
 
     def remove(self, sink: StatSink) -> None:
         """One stream per backend instance, and every accumulator builds its own backend."""
