@@ -49,6 +49,9 @@ def atomic_dir(final: str | Path, settings: Mapping[str, Any] | None = None) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for f in tmp.rglob("*"):  # outputs are 0644 under the umask (some writers create 0600 files)
+        if f.is_file() and not f.is_symlink():
+            f.chmod(_file_mode())
     write_manifest(tmp, settings=settings)
     swap_in(tmp, final)
 
@@ -62,11 +65,15 @@ def write_text(final: str | Path, text: str) -> Path:
     return final
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def publish_file(tmp: Path, final: Path) -> Path:
     """Rename a finished temp file into place with the usual output mode (0644 under the umask;
     writers such as safetensors create their files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)
+    tmp.chmod(_file_mode())
     tmp.replace(final)
     return final

@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
+from fisherdist.atomic import atomic_dir
 from fisherdist.errors import CheckpointError, FisherdistError
+from fisherdist.integrity import hash_files
 
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")  # fmt: skip
@@ -70,7 +72,7 @@ def reshard(src: Path, dst: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dcp_save(state, checkpoint_id=str(tmp), no_dist=True)
-    new_meta = {**meta, "world_size": 1, "resharded_from": str(src), "files": {}}
+    new_meta = {**meta, "world_size": 1, "resharded_from": str(src), "files": hash_files(tmp)}
     (tmp / RUN_META).write_text(json.dumps(new_meta, indent=1))
     (tmp / COMPLETE).write_text(f"step {step}\n")
     tmp.rename(final)
@@ -90,19 +92,17 @@ def export_hf(src: Path, out: Path, base: Path | None = None) -> Path:
 
     state, _ = read_full(_resolve_source(src))
     weights = _model_weights(state)
-    out.mkdir(parents=True, exist_ok=True)
     lora = {k: v for k, v in weights.items() if "lora_" in k}
-    if lora:  # PEFT's file naming: no adapter name in the keys
-        save_file({k.replace(".default", ""): v for k, v in lora.items()}, str(out / "adapter_model.safetensors"))
-        path = out / "adapter_model.safetensors"
-    else:
-        save_file(weights, str(out / "model.safetensors"))
-        path = out / "model.safetensors"
-    if base is not None:
-        for name in HF_FILES:
-            if (base / name).is_file():
-                shutil.copy2(base / name, out / name)
-    return path
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    with atomic_dir(out) as tmp:  # complete with its manifest, or not there
+        if lora:  # PEFT's file naming: no adapter name in the keys
+            save_file({k.replace(".default", ""): v for k, v in lora.items()}, str(tmp / name))
+        else:
+            save_file(weights, str(tmp / name))
+        for extra in HF_FILES:
+            if base is not None and (base / extra).is_file():
+                shutil.copy2(base / extra, tmp / extra)
+    return out / name
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -123,7 +123,12 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _reshard(args: argparse.Namespace) -> int:
+    from fisherdist.commands import check_writable
+
     src, dst = Path(args.src), Path(args.dst)
+    check_writable(dst, "DST")  # before reading anything: a bad destination fails in seconds
+    if args.export_hf:
+        check_writable(args.export_hf, "--export-hf")
     path = reshard(src, dst)
     print(f"wrote {path}")
     if args.export_hf:
