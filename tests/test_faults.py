@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -279,3 +280,51 @@ def test_fault_fails_fast_with_one_line(world: World, tmp_path: Path, capsys: py
     assert took < FAIL_WITHIN_S, f"took {took:.1f} s to fail"
     assert (_checksums(world.root), _checksums(tmp_path)) == before  # nothing existing was changed, damaged or not
     assert (tmp_path / "out" / "config.yaml").exists() == had_config  # a failed run leaves no new config.yaml
+
+
+def _our_model_bit_flip(w: World, t: Path) -> list[str]:
+    """A model directory we wrote (manifest inside), one byte flipped where no header or size check looks."""
+    from fisherdist.atomic import atomic_dir
+
+    with atomic_dir(t / "ours") as tmp:
+        for f in w.model.iterdir():
+            shutil.copy2(f, tmp / f.name)
+    _flip(t / "ours" / "model.safetensors", 0.9, 1)
+    return [f"model.path={t / 'ours'}"]
+
+
+CASES.append(("model-ours-flipped-byte", fisher_with(_our_model_bit_flip), "model.safetensors: corrupted"))
+
+
+def _counts(run: Path) -> float:
+    return float(json.loads((run / "summary.json").read_text())["counts"]["samples"])
+
+
+def test_resume_modes(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """auto adds to a compatible state; never replaces it only with a complete new one; old booleans still read."""
+    from fisherdist.fisher import estimate_run
+
+    run = tmp_path / "out"
+    argv = ["fisher", str(world.cfg), f"out={run}"]
+    assert main([*argv, "data.num_samples=6"]) == 0 and _counts(run) == 6
+    assert main([*argv, "resume=true"]) == 0 and _counts(run) == 12  # auto: the other 6 records on top
+    state = _checksums(run / "fisher")
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(estimate_run, "fisher_step", boom)
+    assert main([*argv, "resume=false", "checkpoint_every=1"]) == 130  # never, interrupted at its first step
+    assert _checksums(run / "fisher") == state  # the old state is still the one there
+    monkeypatch.undo()
+    assert main([*argv, "resume=never"]) == 0 and _counts(run) == 12
+    assert main([*argv, "resume=must", "data.num_samples=100"]) == 0 and _counts(run) == 12  # nothing left to add
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and "num_samples=100 but the file has 12 records" in warnings[0]
+
+
+def test_exported_files_are_0644(world: World, tmp_path: Path) -> None:
+    assert main(["export", str(world.run), "--out", str(tmp_path / "f.safetensors")]) == 0
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "f.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # 0644 under the usual umask
