@@ -173,6 +173,17 @@ def _foreign_out(w: World, t: Path) -> list[str]:
     return []
 
 
+def _our_model_bit_flip(w: World, t: Path) -> list[str]:
+    """A model directory we wrote (manifest inside), one byte flipped where no header or size check looks."""
+    from fisherdist.atomic import atomic_dir
+
+    with atomic_dir(t / "ours") as tmp:
+        for f in w.model.iterdir():
+            shutil.copy2(f, tmp / f.name)
+    _flip(t / "ours" / "model.safetensors", 0.9, 1)
+    return [f"model.path={t / 'ours'}"]
+
+
 BAD_BOOKS = b'{"book": "x", "text": "\xff"}\n'
 
 
@@ -211,6 +222,7 @@ CASES: list[tuple[str, Build, str]] = [
     ("model-garbage-header", fisher_with(_model(lambda d: _flip(d / "model.safetensors", 0.0, 16))), "model.safetensors"),
     ("model-index-missing-shard", fisher_with(_model(_corrupt_index)), "model-00002-of-00002.safetensors: missing"),
     ("model-bad-config-json", fisher_with(_model(lambda d: (d / "config.json").write_text("{"))), "config.json"),
+    ("model-ours-flipped-byte", fisher_with(_our_model_bit_flip), "model.safetensors: corrupted"),
     ("model-no-tokenizer", fisher_with(_model(lambda d: [(d / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")])), "tokenizer"),
     # states
     ("state-flipped-bytes-resume", _resumed_run(lambda r: _flip(_shard(r))), "corrupted"),
@@ -280,20 +292,6 @@ def test_fault_fails_fast_with_one_line(world: World, tmp_path: Path, capsys: py
     assert took < FAIL_WITHIN_S, f"took {took:.1f} s to fail"
     assert (_checksums(world.root), _checksums(tmp_path)) == before  # nothing existing was changed, damaged or not
     assert (tmp_path / "out" / "config.yaml").exists() == had_config  # a failed run leaves no new config.yaml
-
-
-def _our_model_bit_flip(w: World, t: Path) -> list[str]:
-    """A model directory we wrote (manifest inside), one byte flipped where no header or size check looks."""
-    from fisherdist.atomic import atomic_dir
-
-    with atomic_dir(t / "ours") as tmp:
-        for f in w.model.iterdir():
-            shutil.copy2(f, tmp / f.name)
-    _flip(t / "ours" / "model.safetensors", 0.9, 1)
-    return [f"model.path={t / 'ours'}"]
-
-
-CASES.append(("model-ours-flipped-byte", fisher_with(_our_model_bit_flip), "model.safetensors: corrupted"))
 
 
 def _counts(run: Path) -> float:

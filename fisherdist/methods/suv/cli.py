@@ -37,9 +37,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    from fisherdist.commands import check_writable
     from fisherdist.errors import FisherdistError
     from fisherdist.models.merge import merge_model_dirs
 
+    check_writable(args.out, "--out")
     if args.weights is not None and len(args.weights) != len(args.models):
         raise FisherdistError(f"--weights: got {len(args.weights)} values for {len(args.models)} models")
     out = merge_model_dirs(args.base, args.models, args.out, args.weights)
