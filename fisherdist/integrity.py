@@ -137,12 +137,13 @@ def _fingerprint(d: Path) -> tuple[Any, ...]:
     return (str(d.resolve()), *sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in d.iterdir() if p.is_file()))
 
 
-def check_model_dir(directory: str | Path, hashes: bool = True) -> None:
-    """Our model directories: the manifest. Users' directories: every safetensors header and size."""
+def check_model_dir(directory: str | Path, hashes: bool | None = None) -> None:
+    """Our model directories: the manifest. Users' directories: every safetensors header and size.
+    By default one process per node (``LOCAL_RANK`` 0) reads and hashes; the others check sizes."""
     d = Path(directory)
     key = _fingerprint(d)
     if key not in _checked:
-        _check_model_dir(d, hashes)
+        _check_model_dir(d, os.environ.get("LOCAL_RANK", "0") == "0" if hashes is None else hashes)
         _checked.add(key)
 
 

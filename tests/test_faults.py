@@ -26,6 +26,7 @@ from tests.tiny_hf import build_model_dir, texts, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SUV_TINY, EVAL_TINY = ROOT / "configs" / "suv" / "tiny.yaml", ROOT / "configs" / "eval" / "memorization_tiny.yaml"
+SFT_TINY = ROOT / "configs" / "sft" / "tiny.yaml"
 FAIL_WITHIN_S = 20.0
 
 
@@ -145,6 +146,10 @@ def _suv(*overrides: str) -> Build:
     return lambda w, t: ["suv", "mine", str(SUV_TINY), f"out={t / 'out'}", f"model.path={w.model}", *overrides]
 
 
+def _sft(*overrides: str) -> Build:
+    return lambda w, t: ["sft", str(SFT_TINY), f"out={t / 'out'}", f"model.path={w.model}", *overrides]
+
+
 def _eval(*overrides: str) -> Build:
     return lambda w, t: ["eval", "memorization", str(EVAL_TINY), f"out={t / 'out'}", f"model.path={w.model}", *overrides]
 
@@ -256,6 +261,9 @@ CASES: list[tuple[str, Build, str]] = [
     ("suv-unmeetable-min-lcs", _suv("mine.min_lcs=40", "mine.continuation_len=32"), "mine.min_lcs=40 can never be met"),
     ("suv-books-wrong-type", _with_file(_suv, "data.books", b'{"book": 1, "text": "a"}\n'), "missing string field 'book'"),
     ("suv-out-unwritable", _suv("out=/proc/fisherdist-suv"), "not writable"),
+    ("sft-out-under-a-file", lambda w, t: _sft(f"out={_blocker(t) / 'out'}")(w, t), "is a file"),
+    ("sft-data-truncated-json", _with_file(_sft, "data.train", b'{"question": "a", "answer": "b"}\n{"question": "a'), "b.jsonl:2: not valid JSON"),
+    ("sft-resume-value", _sft("train.resume=sometimes"), "train.resume"),
     ("suv-prefs-without-mined", lambda w, t: ["suv", "prefs", str(SUV_TINY), f"out={t / 'out'}", f"model.path={w.model}"], "mined.jsonl"),
 ]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
@@ -27,7 +28,7 @@ from fisherdist.distributed.checkpoint import hash_dcp_files
 from fisherdist.distributed.collectives import barrier, is_main
 from fisherdist.errors import CheckpointError
 from fisherdist.fisher.state import FisherState
-from fisherdist.integrity import verify_dir, write_manifest
+from fisherdist.integrity import IntegrityError, verify_dir, write_manifest
 
 KEY = "fisher"
 
@@ -88,10 +89,25 @@ def check_compatible(state: FisherState, path: str | Path) -> None:
         raise CheckpointError(f"{path}: checkpoint has parameters the model does not target: {', '.join(extra[:3])}")
 
 
+def _verify_on_all_ranks(state: FisherState, path: Path) -> None:
+    """Every rank checks sizes, one rank per node reads and hashes (not N copies of a 280 GB state); damage
+    found by any rank stops all of them with the same line, before a collective load could hang."""
+    damage: IntegrityError | None = None
+    try:
+        verify_dir(path, hashes=os.environ.get("LOCAL_RANK", "0") == "0")
+    except IntegrityError as e:
+        damage = e
+    flag = torch.tensor([float(damage is not None)], device=state.local_counts["weight"].device)
+    if dist.is_initialized() and state.placement.world > 1:
+        dist.all_reduce(flag, group=state.group)  # the ranks that share this state, as its counts do
+    if flag.item():
+        raise damage or IntegrityError(f"{path}: damaged (another rank's SHA-256 check failed; see its message)")
+
+
 def load_fisher(state: FisherState, path: str | Path) -> None:
     """Load (and reshard) a checkpoint into ``state``; further accumulation adds to the loaded sums."""
     path = Path(path)
-    verify_dir(path)
+    _verify_on_all_ranks(state, path)
     check_compatible(state, path)
     try:
         dcp.load({KEY: state}, checkpoint_id=str(path))
