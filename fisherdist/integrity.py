@@ -109,9 +109,9 @@ def check_safetensors(path: Path) -> None:
             raise IntegrityError(f"{path}: not a complete safetensors file ({size} bytes, header unreadable)")
         try:
             header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError):
-            raise IntegrityError(f"{path}: safetensors header is not valid JSON (corrupted)") from None
-    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError, IndexError):
+            raise IntegrityError(f"{path}: safetensors header is not valid (corrupted)") from None
     need = 8 + n + max(ends, default=0)
     if size < need:
         raise IntegrityError(f"{path}: truncated ({size} bytes, its header needs {need})")
