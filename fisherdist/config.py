@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from fisherdist.errors import ConfigError
 
@@ -74,6 +74,15 @@ class DataConfig(Section):
     shuffle: bool = False
     seed: int = 0
 
+
+def _resume_mode(value: Any) -> Any:
+    """``resume: true/false`` (the old boolean) reads as ``auto`` / ``never``."""
+    return {True: "auto", False: "never"}.get(value, value) if isinstance(value, bool) else value
+
+
+ResumeMode = Annotated[Literal["auto", "never", "must"], BeforeValidator(_resume_mode)]
+"""auto: continue a compatible state, refuse an incompatible one; never: start over (the old state is
+replaced only by a complete new one); must: fail when there is nothing to continue."""
 
 Backend = Literal["none", "ddp", "fsdp1", "fsdp2", "zero1", "zero2", "zero3"]
 

@@ -9,7 +9,9 @@ streams alike, so a resume counted in records is independent of the world size.
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -27,6 +29,9 @@ def load_texts(path: str | Path, field: str, num_samples: int | None = None, shu
     records = read_records(path, [field])
     if shuffle:
         random.Random(seed).shuffle(records)
+    if num_samples is not None and num_samples > len(records) and os.environ.get("RANK", "0") == "0":
+        print(f"fisherdist: warning: {path}: num_samples={num_samples} but the file has {len(records)} records; "
+              f"using {len(records)}", file=sys.stderr, flush=True)
     if num_samples is not None:
         records = records[:num_samples]
     return [rec[field] for rec in records]

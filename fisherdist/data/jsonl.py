@@ -19,17 +19,27 @@ def _lines(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:
     p = Path(path)
     if not p.is_file():
         raise FisherdistError(f"{p}: file not found (expected a JSON Lines file)")
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise FisherdistError(f"{p}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise FisherdistError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+                raise FisherdistError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(value, dict):
                 raise FisherdistError(f"{p}:{lineno}: expected a JSON object, got {type(value).__name__}")
             yield lineno, value
+
+
+def check_jsonl(path: str | Path) -> None:
+    """Read the whole file once (preflight): every line UTF-8 and a JSON object, or one line naming it."""
+    for _ in _lines(path):
+        pass
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from fisherdist.distributed.collectives import barrier, is_main, rank
 from fisherdist.errors import CheckpointError
+from fisherdist.integrity import MANIFEST, sha256
 
 COMPLETE = ".complete"
 RUN_META = "run.json"
@@ -71,20 +72,13 @@ class ModelOptimizerState(Stateful):
                        optim_state_dict=state_dict.get("optim", {}))  # fmt: skip
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _hash_files(tmp: Path) -> dict[str, dict[str, Any]]:
-    """Size and SHA-256 of every file; each rank hashes the shard files it wrote (``__<rank>_*``), so no
-    rank reads the whole checkpoint. Collective; the merged table is meaningful on rank 0."""
+def hash_dcp_files(tmp: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file of a DCP directory; each rank hashes the shard files it wrote
+    (``__<rank>_*``), so no rank reads the whole checkpoint. Collective; the merged table is meaningful on
+    rank 0 (run checkpoints' ``run.json`` and Fisher states' ``MANIFEST.json`` both use it)."""
     me = rank()
     mine = [p for p in tmp.iterdir() if p.is_file() and (p.name.startswith(f"__{me}_") or (me == 0 and not p.name.startswith("__")))]
-    table = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in mine}
+    table = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in mine if p.name != MANIFEST}
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(parts, table)
@@ -141,7 +135,7 @@ class RunCheckpointer:
         barrier()
         dcp.save(dict(states), checkpoint_id=str(tmp))
         barrier()  # every rank's shard files are written (DCP's own finish step also synchronises)
-        files = _hash_files(tmp)
+        files = hash_dcp_files(tmp)
         if is_main():
             meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                     "backend": backend, "config_hash": config_hash(config_text) if config_text else "",
@@ -227,7 +221,7 @@ def verify_checkpoint(path: str | Path, check_hashes: bool = True) -> dict[str, 
         if size < end:
             raise CheckpointError(f"{shard}: truncated ({size} bytes, the metadata needs {end})")
         saved = meta.get("files", {}).get(name)
-        if check_hashes and saved and _sha256(shard) != saved["sha256"]:
+        if check_hashes and saved and sha256(shard) != saved["sha256"]:
             raise CheckpointError(f"{shard}: corrupted (SHA-256 differs from the one recorded at save time)")
     return meta
 

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
+from fisherdist.atomic import atomic_dir
 from fisherdist.errors import CheckpointError, FisherdistError
+from fisherdist.integrity import hash_files
 
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")  # fmt: skip
@@ -71,7 +73,7 @@ def reshard(src: Path, dst: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dcp_save(state, checkpoint_id=str(tmp), no_dist=True)
-    new_meta = {**meta, "world_size": 1, "resharded_from": str(src), "files": {}}
+    new_meta = {**meta, "world_size": 1, "resharded_from": str(src), "files": hash_files(tmp)}
     (tmp / RUN_META).write_text(json.dumps(new_meta, indent=1))
     (tmp / COMPLETE).write_text(f"step {step}\n")
     tmp.rename(final)
@@ -111,23 +113,20 @@ def export_hf(src: Path, out: Path, base: Path | None = None, lora_scale: float 
 
     state, _ = read_full(_resolve_source(src))
     weights = _model_weights(state)
-    out.mkdir(parents=True, exist_ok=True)
     lora = {k: v for k, v in weights.items() if "lora_" in k}
     frozen = {k: v for k, v in weights.items() if "lora_" not in k}
-    if frozen:
-        save_file({_hf_name(k): v for k, v in frozen.items()}, str(out / "model.safetensors"))
-        _copy_hf_files(base, out)
-    if frozen and lora and lora_scale is not None:
-        (out / "merged").mkdir(exist_ok=True)
-        merged = _merged(frozen, lora, lora_scale)
-        save_file({_hf_name(k): v for k, v in merged.items()}, str(out / "merged" / "model.safetensors"))
-        _copy_hf_files(base, out / "merged")
-    if not lora:
-        return out / "model.safetensors"
-    # PEFT's file naming: no adapter name in the keys
-    save_file({k.replace(".default", ""): v for k, v in lora.items()}, str(out / "adapter_model.safetensors"))
-    _copy_hf_files(base, out)
-    return out / "adapter_model.safetensors"
+    with atomic_dir(out) as tmp:  # complete with its manifest, or not there
+        if frozen:
+            save_file({_hf_name(k): v for k, v in frozen.items()}, str(tmp / "model.safetensors"))
+        if frozen and lora and lora_scale is not None:
+            (tmp / "merged").mkdir()
+            merged = _merged(frozen, lora, lora_scale)
+            save_file({_hf_name(k): v for k, v in merged.items()}, str(tmp / "merged" / "model.safetensors"))
+            _copy_hf_files(base, tmp / "merged")
+        if lora:  # PEFT's file naming: no adapter name in the keys
+            save_file({k.replace(".default", ""): v for k, v in lora.items()}, str(tmp / "adapter_model.safetensors"))
+        _copy_hf_files(base, tmp)
+    return out / ("adapter_model.safetensors" if lora else "model.safetensors")
 
 
 def _copy_hf_files(base: Path | None, out: Path) -> None:
@@ -156,7 +155,12 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _reshard(args: argparse.Namespace) -> int:
+    from fisherdist.commands import check_writable
+
     src, dst = Path(args.src), Path(args.dst)
+    check_writable(dst, "DST")  # before reading anything: a bad destination fails in seconds
+    if args.export_hf:
+        check_writable(args.export_hf, "--export-hf")
     path = reshard(src, dst)
     print(f"wrote {path}")
     if args.export_hf:

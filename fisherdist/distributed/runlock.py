@@ -93,9 +93,14 @@ def _launch_rank() -> int:
     return 0
 
 
-def _under_parent_lock() -> bool:
-    """A ``dist.nproc`` worker: its launcher (our parent) holds the lock."""
+def under_parent_launch() -> bool:
+    """A ``dist.nproc`` worker: its launcher (our parent) holds the lock and ran the preflight."""
     return os.environ.get(SPAWN_PARENT_ENV, "") == str(os.getppid())
+
+
+def holds_lock() -> bool:
+    """Whether this process is the one that takes ``out``'s lock (rank 0 of a launch, not a spawned worker)."""
+    return _launch_rank() == 0 and not under_parent_launch()
 
 
 def acquire(path: Path, stale_after_s: float = STALE_AFTER_S) -> LockOwner:
@@ -131,7 +136,7 @@ def _heartbeat(path: Path, owner: LockOwner, every_s: float, stop: threading.Eve
 @contextmanager
 def run_lock(out: str | Path, *, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S) -> Iterator[None]:
     """Hold ``out/.fisherdist.lock`` for the duration of a run (rank 0 only); refuse a second live run."""
-    if _launch_rank() != 0 or _under_parent_lock():
+    if not holds_lock():
         yield
         return
     path = Path(out) / LOCK_NAME

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +84,8 @@ def run_fisher(cfg: FisherRunConfig, config_text: str) -> int:
 
 
 def _run(cfg: FisherRunConfig, config_text: str, env: DistEnv) -> int:
+    from fisherdist.fisher.cli import resume_state, state_settings
+
     if cfg.fisher.decay is not None:  # its resume position counts samples, which an EMA decays
         raise ConfigError(f"fisher.decay={cfg.fisher.decay}: an online (EMA) Fisher belongs in a training loop; "
                           "fisherdist fisher estimates a plain mean (remove fisher.decay)")
@@ -93,8 +96,9 @@ def _run(cfg: FisherRunConfig, config_text: str, env: DistEnv) -> int:
                            seed=cfg.fisher.seed)
     acc = make_accumulator(wrapped, cfg.fisher)
     ckpt = out / "fisher"
-    if cfg.resume and (ckpt / ".metadata").is_file():
+    if resume_state(cfg):
         load_fisher(acc.state, ckpt)
+    save = partial(save_fisher, acc.state, ckpt, state_settings(cfg))  # the manifest records what it means
     counts = acc.state.global_counts()
     consumed = int(counts["samples"] + counts["skipped"])  # resume position, independent of the world size
     d = cfg.data
@@ -113,13 +117,13 @@ def _run(cfg: FisherRunConfig, config_text: str, env: DistEnv) -> int:
             fisher_step(wrapped, acc, {k: v.to(env.device) for k, v in batch.items()}, generator)
             bar.advance(task)
             if pre.should_stop():
-                save_fisher(acc.state, ckpt)
+                save()
                 acc.close()
                 return pre.exit_code()
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_fisher(acc.state, ckpt)
+                save()
     check_health(acc)
-    save_fisher(acc.state, ckpt)
+    save()
     _log_summaries(cfg, acc, step)
     summary = _summary(acc, time.perf_counter() - start)
     if env.rank == 0:

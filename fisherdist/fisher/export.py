@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from fisherdist.atomic import publish_file
 from fisherdist.errors import FisherdistError
 from fisherdist.fisher.checkpoint import read_fisher
 from fisherdist.fisher.layout import Fragment
@@ -66,5 +67,4 @@ def export_safetensors(src: Path, out: Path, *, summary: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata=header)
-    tmp.replace(out)
-    return out
+    return publish_file(tmp, out)

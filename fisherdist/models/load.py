@@ -14,6 +14,7 @@ import torch
 from fisherdist.config import resolve_path
 from fisherdist.distributed.collectives import DTYPES
 from fisherdist.errors import FisherdistError
+from fisherdist.integrity import check_model_dir
 
 
 def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -38,6 +39,7 @@ def model_dir(path: str | Path) -> Path:
         json.loads(cfg.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FisherdistError(f"{cfg}: not valid JSON ({e})") from None
+    check_model_dir(p)  # manifest (our outputs) or safetensors headers and sizes (a user's model)
     return p
 
 

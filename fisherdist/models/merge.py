@@ -57,6 +57,9 @@ def merge_model_dirs(base_dir: str | Path, model_dirs: Sequence[str | Path], out
 
 
 def _merge_command(args: argparse.Namespace) -> int:
+    from fisherdist.commands import check_writable
+
+    check_writable(args.out, "--out")
     if args.weights is not None and len(args.weights) != len(args.models):
         raise FisherdistError(f"--weights: got {len(args.weights)} values for {len(args.models)} models")
     out = merge_model_dirs(args.base, args.models, args.out, args.weights)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from fisherdist.config import Section
+from fisherdist.config import ResumeMode, Section
 
 
 class OptimSettings(Section):
@@ -29,4 +29,5 @@ class OptimSettings(Section):
     checkpoint_minutes: float | None = Field(
         30.0, gt=0, description="also checkpoint when this long has passed since the last one (rank 0's clock)")
     keep_checkpoints: int = Field(2, gt=0, description="complete checkpoints kept (older ones are deleted)")
-    resume: bool = Field(True, description="continue from the newest complete checkpoint of this stage, if any")
+    resume: ResumeMode = Field("auto", description="auto: continue from the newest complete checkpoint of this stage, "
+                               "if any; never: start over; must: fail without one")

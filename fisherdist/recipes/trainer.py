@@ -238,10 +238,11 @@ class Trainer:
         return self.ckpt.save(step, self._states(), backend=self.w.backend, extra=extra)
 
     def _maybe_resume(self) -> None:
-        if self.ckpt is None or not self.cfg.resume or self.ckpt.latest() is None:
+        path = self.ckpt.latest() if self.ckpt is not None else None
+        if self.cfg.resume == "must" and path is None:
+            raise ConfigError(f"{self.name}: resume=must, but there is no complete checkpoint to continue")
+        if self.ckpt is None or self.cfg.resume == "never" or path is None:
             return
-        path = self.ckpt.latest()
-        assert path is not None
         extra = _run_extra(path)
         if extra.get("fingerprint") != self.fingerprint:
             raise ConfigError(f"{path}: written by a run with other training settings or data (hash "

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fisherdist.config import Section
 from fisherdist.data.jsonl import split_decode, write_jsonl
@@ -43,6 +43,13 @@ class MineSettings(Section):
     toc_keywords: list[str] = Field(default_factory=lambda: list(TOC_KEYWORDS))
     book_field: str = "book"
     text_field: str = "text"
+
+    @model_validator(mode="after")
+    def _reachable(self) -> MineSettings:
+        if self.min_lcs > self.continuation_len:  # an LCS never exceeds the continuation: no window could be a hit
+            raise ValueError(f"mine.min_lcs={self.min_lcs} can never be met: an LCS is at most "
+                             f"mine.continuation_len={self.continuation_len}")
+        return self
 
 
 def is_toc_like(prompt: str, keywords: Sequence[str] = TOC_KEYWORDS) -> bool:
