@@ -22,6 +22,7 @@ from torch import nn
 from fisherdist.distributed.collectives import all_reduce_sum, barrier
 from fisherdist.errors import ConfigError
 from fisherdist.methods.lqlora.config import LqloraConfig
+from fisherdist.models.peft_utils import LoraSettings
 from fisherdist.models.quant import QuantizedTensor
 from fisherdist.recipes.stages import RunContext
 from fisherdist.recipes.trainer import StepBatch, Trainer, TrainHook
@@ -29,20 +30,20 @@ from fisherdist.recipes.trainer import StepBatch, Trainer, TrainHook
 Ctx = RunContext[LqloraConfig]
 
 
-def quantized_lora(base: nn.Module, r: Ctx, packed: Mapping[str, QuantizedTensor]) -> nn.Module:
+def quantized_lora(base: nn.Module, lora: LoraSettings, packed: Mapping[str, QuantizedTensor]) -> nn.Module:
     """``base`` + LoRA with every decomposed matrix's base layer packed; a mismatch between the decomposed
     matrices and ``lora.targets`` is an error (an unquantized adapted layer would fake the bit count)."""
     from fisherdist.models.peft_utils import adapted_modules, apply_lora
     from fisherdist.models.qlinear import quantize_base_layers
     from fisherdist.models.sharded_load import checkpoint_name
 
-    model = apply_lora(base, r.cfg.lora)
+    model = apply_lora(base, lora)
     done = set(quantize_base_layers(model, packed))
     adapted = {checkpoint_name(m.base_weight_fqn) for m in adapted_modules(model)}
     if done != set(packed) or adapted != done:
         odd = sorted((set(packed) ^ done) | (adapted - done))
-        raise ConfigError(f"lora.targets={r.cfg.lora.targets} and decompose.targets={r.cfg.decompose.targets!r} "
-                          f"must cover the same matrices; differing: {odd[:3]}")
+        raise ConfigError(f"lora.targets={lora.targets} and decompose.targets must cover the same matrices; "
+                          f"differing: {odd[:3]}")
     return model
 
 
@@ -98,7 +99,7 @@ def load_training_model(r: Ctx) -> tuple[Any, dict[str, QuantizedTensor]]:
     factors = {n: dec.factors(n) for n in dec.matrices}
     t, m = r.cfg.train, r.cfg.model
     w = load_wrapped(m.path, r.dtype, r.cfg.dist.backend, r.env.device, load=m.load, seed=t.seed,
-                     prepare=lambda base: quantized_lora(base, r, packed),
+                     prepare=lambda base: quantized_lora(base, r.cfg.lora, packed),
                      lora_init=lambda model: lqlora_factors(model, factors),
                      optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=t.lr, weight_decay=t.weight_decay),
                      **r.cfg.backend_options(t.batch_size, t.max_grad_norm))
