@@ -52,9 +52,9 @@ class Decomposition:
         return t["l1"], t["l2"]
 
     def dense(self, name: str) -> torch.Tensor:
-        """Q + L1 L2 in float32."""
+        """Q + L1 L2, formed in float64 (the writer casts it to the model's dtype)."""
         l1, l2 = self.factors(name)
-        return self.packed(name).dequantize() + l1 @ l2
+        return self.packed(name).dequantize(torch.float64) + l1.double() @ l2.double()
 
 
 def rewrite_checkpoint(src: str | Path, out: str | Path, replace: Replace, dtype: torch.dtype) -> Path:

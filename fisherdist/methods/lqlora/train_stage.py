@@ -55,7 +55,7 @@ def lqlora_factors(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, t
     def ab(m: Any) -> tuple[torch.Tensor, torch.Tensor]:
         l1, l2 = factors[checkpoint_name(m.base_weight_fqn)]
         root = scaling(m) ** 0.5
-        return l2 / root, l1 / root
+        return l2.double() / root, l1.double() / root  # float64: s B A = L1 L2 to rounding of the model dtype
 
     set_factors(model, ab)
 
@@ -147,8 +147,8 @@ def _merged_weights(folder: Any) -> Any:
         if name not in packed:
             return w
         stem = PEFT_PREFIX + name.removesuffix(".weight")
-        a, b = lora[f"{stem}.lora_A.default.weight"].float(), lora[f"{stem}.lora_B.default.weight"].float()
-        return packed[name].dequantize() + s * (b @ a)
+        a, b = lora[f"{stem}.lora_A.default.weight"].double(), lora[f"{stem}.lora_B.default.weight"].double()
+        return packed[name].dequantize(torch.float64) + s * (b @ a)
 
     return merged, packed
 
