@@ -107,3 +107,17 @@ def test_two_ranks_reproduce_one(one: Path, tmp_path: Path) -> None:
     assert cli.main(["lqlora", "train", CONFIG, f"out={zero}", *ARGS, "dist.backend=zero2", "dist.nproc=2",
                      "train.batch_size=2"]) == 0
     assert _history(zero) == pytest.approx(_history(one), rel=1e-6)
+
+
+def test_recipes_parse_and_bad_budget_fails_before_work(tmp_path: Path) -> None:
+    from fisherdist.config import load_config
+    from fisherdist.methods.lqlora.config import LqloraConfig
+
+    world = ["model.path=@world/model", *(f"data.{k}=@world/data/general_train.jsonl" for k in ("calibration", "train")),
+             "data.heldout=null"]
+    big = {n: load_config(LqloraConfig, REPO / "configs" / "lqlora" / f"{n}.yaml", world) for n in ("7b", "70b")}
+    assert big["70b"].decompose.budget == 2.75 and big["7b"].lora.r == 64
+    assert all(len(c.decompose.configs()) == 432 for c in big.values())
+    out = tmp_path / "bad"
+    assert cli.main(["lqlora", "decompose", CONFIG, f"out={out}", *ARGS, "decompose.budget=3.0"]) == 2
+    assert not out.exists()

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from fisherdist.config import DataFile, Section
+from fisherdist.models.quant import QConfig
 from fisherdist.recipes.config import FisherPassSettings, LoraRunConfig
 from fisherdist.recipes.train_config import OptimSettings
 
@@ -42,11 +43,24 @@ class LqDecompose(Section):
     @field_validator("grid", "qconfig")
     @classmethod
     def _names(cls, v: object) -> object:
-        from fisherdist.models.quant import QConfig
-
         for name in v if isinstance(v, list) else ([v] if isinstance(v, str) and v not in ("small", "full") else []):
             QConfig.parse(name)
         return v
+
+
+    def configs(self) -> list[QConfig]:
+        """The grid's configurations."""
+        from fisherdist.methods.lqlora.grid import grid
+
+        return grid(self.grid) if isinstance(self.grid, str) else [QConfig.parse(n) for n in self.grid]
+
+    @model_validator(mode="after")
+    def _feasible(self) -> LqDecompose:
+        least = min(c.bits_per_param() for c in self.configs())
+        if self.qconfig is None and least > self.budget:
+            raise ValueError(f"budget {self.budget} is impossible: the cheapest configuration of the grid needs "
+                             f"{least:.6g} bits per parameter")
+        return self
 
 
 class LqTrain(OptimSettings):

@@ -15,7 +15,6 @@ import torch.distributed as dist
 
 from fisherdist.atomic import write_text
 from fisherdist.distributed.collectives import barrier, is_main
-from fisherdist.errors import ConfigError
 from fisherdist.methods.lqlora.placement import Target, find_targets
 from fisherdist.methods.lqlora.stage import Options
 from fisherdist.methods.lqlora.train_stage import Ctx, export, train
@@ -54,26 +53,13 @@ def _options(r: Ctx, cost: bool) -> Options:
     return Options(r.cfg.lora.r, iters, d.svd, str(r.out / "fisher") if r.cfg.fisher.enabled else None)
 
 
-def _grid(r: Ctx) -> list[Any]:
-    from fisherdist.methods.lqlora.grid import grid
-    from fisherdist.models.quant import QConfig
-
-    g = r.cfg.decompose.grid
-    configs = grid(g) if isinstance(g, str) else [QConfig.parse(n) for n in g]
-    least = min(c.bits_per_param() for c in configs)
-    if least > r.cfg.decompose.budget:
-        raise ConfigError(f"decompose.budget={r.cfg.decompose.budget}: impossible, the cheapest configuration of the "
-                          f"grid needs {least:.6g} bits per parameter")
-    return configs
-
-
 def _plan(r: Ctx) -> dict[str, str]:
     """Cost tables on every rank (whole matrices each), the ILP on rank 0, the plan broadcast."""
     from fisherdist.methods.lqlora.allocate import parse_costs, solve
     from fisherdist.methods.lqlora.stage import cost_table
 
     d = r.cfg.decompose
-    table = cost_table(r.cfg.model.path, _grid(r), _options(r, cost=True), d.targets)
+    table = cost_table(r.cfg.model.path, d.configs(), _options(r, cost=True), d.targets)
     box: list[Any] = [None]
     if is_main():
         write_text(r.out / "costs.json", json.dumps(table, indent=1) + "\n")
