@@ -31,8 +31,9 @@ def save_quantized_lora(out: str | Path, config_dir: str | Path, plain: Mapping[
                         packed: Mapping[str, QuantizedTensor], lora: Mapping[str, torch.Tensor],
                         settings: LoraSettings) -> Path:
     """Write the directory atomically (temp sibling, then rename); call on one rank."""
+    from transformers import AutoConfig
+
     from fisherdist.models.export import copy_tokenizer
-    from fisherdist.models.lora_base import _copy_config
 
     q = {k: v for name, qt in packed.items() for k, v in qt.to_tensors(f"{name}.q").items()}
     meta = {"lora": {"r": settings.r, "alpha": settings.alpha, "targets": list(settings.targets)},
@@ -42,7 +43,7 @@ def save_quantized_lora(out: str | Path, config_dir: str | Path, plain: Mapping[
         save_file(q, str(tmp / "quantized.safetensors"))
         save_file({k: v.contiguous() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
-        _copy_config(config_dir, tmp)
+        AutoConfig.from_pretrained(config_dir).save_pretrained(tmp)
         copy_tokenizer(config_dir, tmp)
     return Path(out)
 
