@@ -11,6 +11,9 @@ relative error on Gaussian matrices, in ONE run.
 3. Compared at init (no fine-tuning; QLoRA's adapters start at zero, LQ-LoRA's at L1 L2): the Fisher-weighted
    error sum ||sqrt(F) . (W - W_hat)||^2 relative to sum ||sqrt(F) . W||^2, and held-out perplexity with
    the W_hat substituted. Baseline: bitsandbytes NF4, block 64, its double-quantized scales (4.127 bits).
+   Then LoRA fine-tuning at equal rank (``--steps`` steps of 8 x 128 tokens of general_train, the shared
+   trainer): QLoRA = NF4 weights frozen + PEFT's adapter (B = 0); LQ-LoRA = the recipe's packed-Q layers +
+   adapter from L1, L2 (at ``--finetune-budgets``); held-out perplexity after it.
 4. Seconds per alternation and per decomposition of one 4096 x 4096 Gaussian matrix (rank 64, nf3, randomized
    SVD), and the relative Frobenius error of NF4 on it (bitsandbytes and ours).
 Writes JSON and a PNG.
