@@ -30,6 +30,11 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 class QLinear(nn.Module):
     """``y = x Q^T + bias`` with Q packed (see the module docstring); nothing in it is trainable."""
 
+    codes: torch.Tensor
+    scale_codes: torch.Tensor
+    scales: torch.Tensor
+    offset: torch.Tensor
+
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         if len(q.shape) != 2:
@@ -71,7 +76,7 @@ def quantize_base_layers(model: nn.Module, packed: Mapping[str, QuantizedTensor]
         name = checkpoint_name(m.base_weight_fqn)
         if name not in packed:
             continue
-        base = m.module.base_layer
+        base: nn.Linear = m.module.base_layer  # type: ignore[assignment]
         q = packed[name]
         if tuple(q.shape) != (base.out_features, base.in_features):
             raise ValueError(f"{name}: packed shape {tuple(q.shape)} != layer ({base.out_features}, {base.in_features})")
