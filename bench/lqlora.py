@@ -11,6 +11,9 @@ relative error on Gaussian matrices, in ONE run.
 3. Compared at init (no fine-tuning; QLoRA's adapters start at zero, LQ-LoRA's at L1 L2): the Fisher-weighted
    error sum ||sqrt(F) . (W - W_hat)||^2 relative to sum ||sqrt(F) . W||^2, and held-out perplexity with
    the W_hat substituted. Baseline: bitsandbytes NF4, block 64, its double-quantized scales (4.127 bits).
+   Then LoRA fine-tuning at equal rank (``--steps`` steps of 8 x 128 tokens of general_train, the shared
+   trainer): QLoRA = NF4 weights frozen + PEFT's adapter (B = 0); LQ-LoRA = the recipe's packed-Q layers +
+   adapter from L1, L2 (at ``--finetune-budgets``); held-out perplexity after it.
 4. Seconds per alternation and per decomposition of one 4096 x 4096 Gaussian matrix (rank 64, nf3, randomized
    SVD), and the relative Frobenius error of NF4 on it (bitsandbytes and ours).
 Writes JSON and a PNG.
@@ -52,10 +55,10 @@ def tiny_fisher(model: Any, tokenizer: Any, n: int, max_length: int) -> dict[str
 
 
 def decompose_all(weights: dict[str, torch.Tensor], fishers: dict[str, FisherWeights] | None, rank: int,
-                  iters: int) -> dict[str, dict[str, LQResult]]:
-    """One decomposition per matrix and small-grid configuration (the cost table's work)."""
+                  iters: int, configs: list[QConfig]) -> dict[str, dict[str, LQResult]]:
+    """One decomposition per matrix and grid configuration (the cost table's work)."""
     return {n: {c.name: lq_decompose(w, c, rank, iters, fishers[n] if fishers else None, seed=i)
-                for c in small_grid()} for i, (n, w) in enumerate(weights.items())}
+                for c in configs} for i, (n, w) in enumerate(weights.items())}
 
 
 def plan(results: dict[str, dict[str, LQResult]], weights: dict[str, torch.Tensor], budget: float) -> dict[str, str]:
@@ -91,21 +94,57 @@ def evaluate(model: Any, tokenizer: Any, weights: dict[str, torch.Tensor], appro
 
 
 def lq_rows(results: dict[str, dict[str, LQResult]], weights: dict[str, torch.Tensor], rank: int,
-            label: str) -> list[tuple[str, float, float, dict[str, torch.Tensor]]]:
-    """(label, quantized bits, bits with the 16-bit L1 L2, W_hat) at every budget."""
+            label: str) -> list[tuple[str, float, float, dict[str, torch.Tensor], dict[str, LQResult]]]:
+    """(label, quantized bits, bits with the 16-bit L1 L2, W_hat, chosen decompositions) at every budget."""
     total = sum(w.numel() for w in weights.values())
     lowrank_bits = 16 * sum(rank * sum(w.shape) for w in weights.values()) / total
     rows = []
-    for budget in BUDGETS:
+    least = min(QConfig.parse(c).bits_per_param() for c in next(iter(results.values())))
+    for budget in (b for b in BUDGETS if b >= least):  # a grid without 2-bit configurations cannot reach 2.75
         assignment = plan(results, weights, budget)
         bits = sum(weights[n].numel() * QConfig.parse(c).bits_per_param() for n, c in assignment.items()) / total
         approx = {n: (r := results[n][c]).q.dequantize() + r.l1 @ r.l2 for n, c in assignment.items()}
-        rows.append((f"{label} @ {budget}", bits, bits + lowrank_bits, approx))
+        rows.append((f"{label} @ {budget}", bits, bits + lowrank_bits, approx, {n: results[n][c] for n, c in assignment.items()}))
     return rows
 
 
+def finetune_perplexity(tokenizer: Any, weights: dict[str, torch.Tensor], dense: dict[str, torch.Tensor],
+                        chosen: dict[str, LQResult] | None, texts: list[list[int]], heldout: list[str],
+                        args: argparse.Namespace) -> float:
+    """Held-out perplexity after ``args.steps`` LoRA steps (rank ``args.rank``, all 7 projections) on the shared
+    trainer. LQ-LoRA: packed-Q layers, adapter = L1, L2 (the recipe's own code). QLoRA: the dequantized NF4
+    weights frozen (bitsandbytes' forward computes exactly these), adapter from PEFT's init (B = 0)."""
+    from fisherdist.distributed.wrap import wrap_model
+    from fisherdist.eval.utility import perplexity
+    from fisherdist.methods.lqlora.train_stage import NllMetric, lm_loss, lqlora_factors, quantized_lora
+    from fisherdist.models.load import load_model
+    from fisherdist.models.peft_utils import LoraSettings, apply_lora
+    from fisherdist.recipes.train_config import OptimSettings
+    from fisherdist.recipes.trainer import Trainer
+
+    base = load_model(WORLD / "model")
+    lora = LoraSettings(r=args.rank, alpha=16.0, dropout=0.0,
+                        targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    with torch.no_grad():
+        params = dict(base.named_parameters())
+        for n in weights:
+            params[n].copy_(dense[n])
+    if chosen is None:
+        torch.manual_seed(0)
+        model = apply_lora(base, lora)
+    else:
+        model = quantized_lora(base, lora, {n: r.q for n, r in chosen.items()})
+        lqlora_factors(model, {n: (r.l1, r.l2) for n, r in chosen.items()})
+    w = wrap_model(model, "none", optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=args.lr, weight_decay=0.0))
+    settings = OptimSettings(lr=args.lr, epochs=1, max_steps=args.steps, batch_size=8, checkpoint_every=None)
+    metric, pad = NllMetric(), tokenizer.pad_token_id or 0
+    Trainer(w, len(texts), settings, lambda b: lm_loss(w, texts, pad, 128, metric, b), hooks=[metric]).run(progress=False)
+    model.eval()
+    return float(perplexity(model, tokenizer, heldout)["perplexity"])
+
+
 def tiny_world(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from fisherdist.data.batches import load_texts
+    from fisherdist.data.batches import load_texts, tokenize
     from fisherdist.models.load import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(WORLD / "model")
@@ -115,18 +154,26 @@ def tiny_world(args: argparse.Namespace) -> list[dict[str, Any]]:
     params = dict(model.named_parameters())
     weights = {n: params[n].detach().clone() for n in fisher}
     heldout = load_texts(WORLD / "data" / "general_heldout.jsonl", "text")
+    train = tokenize(load_texts(WORLD / "data" / "general_train.jsonl", "text"), tokenizer, 128)
+    configs = [QConfig.parse(c) for c in args.grid] if args.grid else small_grid()
     t0 = time.perf_counter()
-    weighted = decompose_all(weights, {n: FisherWeights.from_full(f) for n, f in fisher.items()}, args.rank, args.iters)
-    agnostic = decompose_all(weights, None, args.rank, args.iters)
+    weighted = decompose_all(weights, {n: FisherWeights.from_full(f) for n, f in fisher.items()}, args.rank, args.iters,
+                             configs)
+    agnostic = decompose_all(weights, None, args.rank, args.iters, configs)
     print(f"cost tables: {time.perf_counter() - t0:.1f}s", flush=True)
-    rows = [("NF4 (bitsandbytes, QLoRA)", 4.127, 4.127, {n: nf4_bnb(w) for n, w in weights.items()})]
+    nf4 = {n: nf4_bnb(w) for n, w in weights.items()}
+    rows = [("NF4 (bitsandbytes, QLoRA)", 4.127, 4.127, nf4, None)]
     rows += lq_rows(weighted, weights, args.rank, "LQ-LoRA Fisher") + lq_rows(agnostic, weights, args.rank, "LQ-LoRA")
     base = evaluate(model, tokenizer, weights, weights, fisher, heldout)["heldout_perplexity"]
     out = [{"method": "16-bit model", "bits_per_param": 16.0, "bits_with_lowrank": 16.0,
             "fisher_weighted_rel_error": 0.0, "heldout_perplexity": base}]
-    for label, bits, with_lr, approx in rows:
+    for label, bits, with_lr, approx, chosen in rows:
         out.append({"method": label, "bits_per_param": bits, "bits_with_lowrank": with_lr,
                     **evaluate(model, tokenizer, weights, approx, fisher, heldout)})
+        if args.steps and (chosen is None or float(label.split("@")[1]) in args.finetune_budgets):
+            q_only = approx if chosen is None else {n: r.q.dequantize() for n, r in chosen.items()}
+            out[-1]["heldout_perplexity_finetuned"] = finetune_perplexity(tokenizer, weights, q_only, chosen, train,
+                                                                          heldout, args)
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -174,6 +221,10 @@ def main() -> None:
     p.add_argument("--calibration", type=int, default=64, help="general_train sequences for the Fisher")
     p.add_argument("--big-iters", type=int, default=5, help="alternations on the 4096 x 4096 matrix (0: skip)")
     p.add_argument("--no-tiny", action="store_true", help="only the 4096 x 4096 part (no PNG)")
+    p.add_argument("--grid", nargs="*", help="configuration names (default: the small grid of 8)")
+    p.add_argument("--steps", type=int, default=30, help="LoRA fine-tuning steps (batch 8 x 128 tokens; 0: skip)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--finetune-budgets", type=float, nargs="*", default=[4.127, 3.5], help="LQ-LoRA budgets fine-tuned")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

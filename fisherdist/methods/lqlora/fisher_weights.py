@@ -10,7 +10,7 @@ F_ij ~ row_i col_j / total, for which that scaled SVD is the exact weighted opti
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,3 +77,19 @@ def load_summaries(path: str | Path, names: Iterable[str]) -> dict[str, FisherWe
             row, col = f.get_tensor(f"{name}.row").to(torch.float32), f.get_tensor(f"{name}.col").to(torch.float32)
             out[name] = FisherWeights(row.reshape(-1), col.reshape(-1), float(f.get_tensor(f"{name}.total").sum()))
     return out
+
+
+def fisher_loader(path: str | Path, names: Sequence[str]) -> Callable[[str], FisherWeights]:
+    """name -> its Fisher, read when asked: elementwise from a ``lqlora fisher`` folder (one matrix in memory
+    at a time), or row/column summaries from a ``fisherdist export --summary`` file. Names are checked now."""
+    if not Path(path).is_dir():
+        return load_summaries(path, names).__getitem__
+    from fisherdist.methods.lqlora.fisher_stage import fisher_files
+
+    files = fisher_files(path, names)
+
+    def get(name: str) -> FisherWeights:
+        with safe_open(str(files[name]), framework="pt") as f:
+            return FisherWeights.from_full(f.get_tensor(name))
+
+    return get

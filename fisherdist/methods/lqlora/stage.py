@@ -22,7 +22,7 @@ from fisherdist.atomic import write_text
 from fisherdist.distributed.collectives import barrier, is_main, rank_world, world_size
 from fisherdist.errors import ConfigError
 from fisherdist.methods.lqlora.decompose import LQResult, lq_decompose
-from fisherdist.methods.lqlora.fisher_weights import FisherWeights, load_summaries
+from fisherdist.methods.lqlora.fisher_weights import FisherWeights, fisher_loader
 from fisherdist.methods.lqlora.placement import Target, find_targets, mine
 from fisherdist.models.quant import QConfig
 
@@ -38,12 +38,12 @@ class Options:
 
 
 def read_mine(targets: Sequence[Target], opts: Options) -> Iterator[tuple[Target, torch.Tensor, FisherWeights | None]]:
-    """This rank's matrices, each read alone from its file, with its Fisher summary if any."""
-    fisher = load_summaries(opts.fisher, [t.name for t in targets]) if opts.fisher else {}
+    """This rank's matrices, each read alone from its file, with its Fisher (elementwise or summaries) if any."""
+    fisher = fisher_loader(opts.fisher, [t.name for t in targets]) if opts.fisher else None
     for t in targets:
         with safe_open(str(t.file), framework="pt") as f:
             w = f.get_tensor(t.name).to(torch.float32)
-        yield t, w, fisher.get(t.name)
+        yield t, w, fisher(t.name) if fisher is not None else None
 
 
 def _decompose(t: Target, w: torch.Tensor, cfg: QConfig, opts: Options, f: FisherWeights | None) -> LQResult:
