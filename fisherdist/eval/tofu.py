@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -165,3 +166,44 @@ def evaluate_tofu(model: Any, tokenizer: Any, generate: Generate, forget: Sequen
     fq = forget_quality(f["truth_ratios"], reference_ratios) if reference_ratios else None
     return {"forget": f, "retain": r, "model_utility": model_utility(parts), "forget_quality": fq,
             "task_accuracy": task_accuracy}
+
+
+# -- report ----------------------------------------------------------------------------------------------
+PLOTTED = (("forget", "accuracy"), ("forget", "probability"), ("forget", "truth_ratio"), ("retain", "accuracy"),
+           ("retain", "probability"), ("retain", "truth_ratio"))
+
+
+def _plot(path: Path, before: dict[str, Any], after: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 1]})
+    x = np.arange(len(PLOTTED))
+    for j, (label, m, color) in enumerate((("before", before, "tab:red"), ("after", after, "tab:blue"))):
+        bars = left.bar(x + (j - 0.5) * 0.4, [m[s][k] for s, k in PLOTTED], 0.4, label=label, color=color)
+        left.bar_label(bars, fmt="%.2f", fontsize=7)
+        util = right.bar([j], [m["model_utility"]], 0.6, color=color, label=label)
+        right.bar_label(util, fmt="%.2f", fontsize=7)
+    left.set_xticks(x, [f"{s} {k}" for s, k in PLOTTED], rotation=20, ha="right", fontsize=8)
+    left.set_ylim(0, 1.05)
+    left.legend()
+    left.set_title("TOFU metrics (forget: lower accuracy / probability is better)")
+    right.set_xticks([0, 1], ["before", "after"])
+    right.set_title("model utility")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_tofu_report(out_dir: str | Path, doc: dict[str, Any]) -> tuple[Path, Path]:
+    """``report.json`` (the whole document) and ``report.png`` (before / after bars)."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(doc, indent=1))
+    _plot(out / "report.png", doc["before"], doc["after"])
+    return out / "report.json", out / "report.png"

@@ -22,6 +22,9 @@ from fisherdist.methods.vila.importance import EPS
 from fisherdist.models.lora_base import fold_into_base, owned_rows, scaling, set_factors
 from fisherdist.models.peft_utils import AdaptedModule
 
+OVERSAMPLE = 10
+"""Extra random directions of the randomized SVD (``torch.svd_lowrank``'s q = r + 10 habit)."""
+
 
 class _RowSharded:
     """diag(rho) W as this rank's row block, with the two products the randomized SVD needs."""
@@ -75,7 +78,7 @@ def module_factors(m: AdaptedModule, row_sums: torch.Tensor, seed: int) -> tuple
     weight = m.module.base_layer.weight
     d_in = int(getattr(weight, "ds_shape", weight.shape)[1])
     rank = int(getattr(m.lora_a, "ds_shape", m.lora_a.shape)[0])
-    u, s, v = lowrank_svd(_RowSharded(weight, rho), d_in, rank, seed=seed)
+    u, s, v = lowrank_svd(_RowSharded(weight, rho), d_in, rank, oversample=OVERSAMPLE, seed=seed)
     return fisher_factors(u, s, v, rho, scaling(m))
 
 
