@@ -99,3 +99,14 @@ def test_score_items_truth_ratio_from_hf_losses(model_and_tok):
     r = report["retain"]
     assert report["model_utility"] == pytest.approx(tofu.model_utility(
         [r["probability"], r["rougeL_recall"], r["truth_ratio"], 0.5]))
+
+
+def test_malformed_tofu_records_name_file_line_and_key(tmp_path):
+    from fisherdist.data.jsonl import write_jsonl
+    from fisherdist.errors import FisherdistError
+
+    good = dict(ROWS[0])
+    path = write_jsonl(tmp_path / "f.jsonl", [good, {**good, "perturbed_answer": " one string"}])
+    with pytest.raises(FisherdistError, match=r"f.jsonl:2: field 'perturbed_answer'"):
+        tofu.tofu_records(path)
+    assert tofu.tofu_records(write_jsonl(tmp_path / "g.jsonl", [good, good])) == [good, good]

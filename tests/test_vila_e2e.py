@@ -5,12 +5,15 @@ forget answers became less likely while the report records it. The quality targe
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
 from fisherdist.cli import main
 from fisherdist.config import default_world_dir
 from fisherdist.data.jsonl import read_jsonl, write_jsonl
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "vila" / "tiny.yaml"
 
 
 def test_vila_run_end_to_end(tmp_path):
@@ -21,7 +24,7 @@ def test_vila_run_end_to_end(tmp_path):
     write_jsonl(tmp_path / "forget.jsonl", read_jsonl(data / "authors_forget.jsonl")[:8])
     write_jsonl(tmp_path / "retain.jsonl", read_jsonl(data / "authors_retain.jsonl")[:8])
     out = tmp_path / "run"
-    rc = main(["vila", "run", "configs/vila/tiny.yaml", f"out={out}", f"data.forget={tmp_path / 'forget.jsonl'}",
+    rc = main(["vila", "run", str(TINY), f"out={out}", f"data.forget={tmp_path / 'forget.jsonl'}",
                f"data.retain={tmp_path / 'retain.jsonl'}", "data.heldout=null", "data.task=null",
                "train.max_steps=6", "train.lr=3e-3", "eval.tofu.max_new_tokens=6"])
     assert rc == 0

@@ -36,6 +36,26 @@ class TofuSettings(Section):
     max_new_tokens: int = Field(16, gt=0, description="greedy answer length for ROUGE-L and exact accuracy")
 
 
+def tofu_records(path: str | Path) -> list[dict[str, Any]]:
+    """TOFU-format records, checked before any compute: string question / answers and an equally long,
+    non-empty list of perturbed answers on every line (one error naming file, line and key)."""
+    from fisherdist.data.jsonl import read_jsonl
+    from fisherdist.errors import FisherdistError
+
+    rows = read_jsonl(path)
+    for i, r in enumerate(rows, 1):
+        bad = [k for k in ANSWER_FIELDS[:3] if not isinstance(r.get(k), str)]
+        pert = r.get("perturbed_answer")
+        if not bad and not (isinstance(pert, list) and pert and all(isinstance(x, str) for x in pert)
+                            and len(pert) == len(rows[0]["perturbed_answer"])):
+            bad = ["perturbed_answer"]
+        if bad:
+            raise FisherdistError(f"{path}:{i}: field {bad[0]!r} missing or malformed (expected TOFU records: strings "
+                                  "question, answer, paraphrased_answer and a list of perturbed_answer strings, "
+                                  "as long on every line)")
+    return rows
+
+
 # -- pure metric functions -------------------------------------------------------------------------------
 def probability(mean_nll: float) -> float:
     """p(a|q) from the answer's mean token NLL."""

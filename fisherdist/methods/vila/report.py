@@ -47,11 +47,10 @@ def summarise(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_run(r: Ctx) -> dict[str, Any]:
     """Reference, before, after -> ``out/report.json`` + ``out/report.png`` (rank 0); returns the document."""
-    from fisherdist.data.jsonl import read_records
-    from fisherdist.eval.tofu import ANSWER_FIELDS, write_tofu_report
+    from fisherdist.eval.tofu import tofu_records, write_tofu_report
 
     c = r.cfg
-    forget, retain = (read_records(p, list(ANSWER_FIELDS)) for p in (c.data.forget, c.data.retain))
+    forget, retain = tofu_records(c.data.forget), tofu_records(c.data.retain)
     reference = None
     if c.eval.retain_model:
         reference = _measure(r, c.eval.retain_model, forget, retain, None)["forget"]["truth_ratios"]

@@ -45,12 +45,15 @@ def _save_rank0(r: Ctx, obj: Any, rel: str) -> None:
 
 def importance(r: Ctx) -> None:
     """Forget and retain Fisher in one pass -> per-row importance of every adapted weight."""
+    from fisherdist.eval.tofu import tofu_records
     from fisherdist.fisher import FisherAccumulator
     from fisherdist.methods.vila.data import qa_pairs, rank_batches
     from fisherdist.methods.vila.importance import importance_spec, one_pass, row_importance
     from fisherdist.methods.vila.init import gaussian_init
 
     c, imp = r.cfg, r.cfg.importance
+    for path in (c.data.forget, c.data.retain):  # the eval stage needs them: fail before any compute
+        tofu_records(path)
     hook = gaussian_init(imp.sigma, c.train.seed) if c.method == "vila" else None
     w = _load(r, c.model.path, hook, imp.batch_size)
     acc = FisherAccumulator(w, importance_spec(c.method, c.lora, imp.dtype))
