@@ -13,11 +13,12 @@ from fisherdist.fisher import cli as fisher_cli
 from fisherdist.methods import sft
 from fisherdist.methods.lqlora import cli as lqlora_cli
 from fisherdist.methods.suv import cli as suv_cli
+from fisherdist.methods.vila import cli as vila_cli
 from fisherdist.models import merge as merge_cli
 from fisherdist.plan import cli as plan_cli
 from fisherdist.world import cli as world_cli
 
-COMMAND_MODULES = [distributed_cli, fisher_cli, suv_cli, merge_cli, sft, eval_cli, world_cli, lqlora_cli, plan_cli]
+COMMAND_MODULES = [distributed_cli, fisher_cli, suv_cli, merge_cli, sft, eval_cli, world_cli, lqlora_cli, plan_cli, vila_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -84,6 +84,21 @@ def add_rows(p: torch.Tensor, rows: Callable[[int, int], torch.Tensor]) -> None:
     local[:n].add_(flat[lo - r0 * width : lo - r0 * width + n].to(local.dtype))
 
 
+def owned_rows(p: torch.Tensor) -> tuple[int, torch.Tensor, bool]:
+    """(first row r0, the full rows r0.. this rank holds part of, zero where it holds nothing, whether ``p``
+    is sharded): summing products of these blocks over ranks gives the full matrix's (each element is
+    owned once), so a method can multiply a sharded 2-D weight by small matrices without gathering it."""
+    local, lo, n = _owned(p)
+    width = _shape(p)[1]
+    sharded = hasattr(p, "ds_tensor") or hasattr(p, "to_local")
+    if n == 0:
+        return 0, local.new_zeros((0, width)), sharded
+    r0, r1 = lo // width, (lo + n - 1) // width + 1
+    block = local.new_zeros((r1 - r0) * width)
+    block[lo - r0 * width : lo - r0 * width + n] = local[:n]
+    return r0, block.view(r1 - r0, width), sharded
+
+
 def set_factors(model: nn.Module, factors: Factors) -> None:
     """Give each adapted module the full ``(A, B)`` that ``factors`` returns (``None``: keep its own);
     every rank must compute the same values (call it on all ranks, in module order)."""

@@ -21,6 +21,7 @@ from fisherdist.errors import FisherdistError
 from fisherdist.models.tiny import tiny_llama_config
 from fisherdist.world.data import corpus_texts, protected_books, synthetic_data
 from fisherdist.world.measure import THRESHOLDS, measure_world, verdicts
+from fisherdist.world.tofu import RETAIN_MODEL, add_tofu_answers, build_retain_model
 from fisherdist.world.tokenizer import train_tokenizer
 from fisherdist.world.train import TrainSettings, train
 
@@ -35,7 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "sizes": {"passages_per_book": 3, "general_chars": 600, "general_train": 60, "general_heldout": 8,
                        "authors": 4, "forget_authors": 1, "task_train": 16, "task_eval": 4}},
 }
-WORLD_FILES = ("model", "data", "world.json")
+WORLD_FILES = ("model", RETAIN_MODEL, "data", "world.json")
 
 
 def prepare_out(out: Path) -> None:
@@ -47,7 +48,7 @@ def prepare_out(out: Path) -> None:
         if extra or not (out / "world.json").is_file():
             raise FisherdistError(f"--out {out} is a non-empty directory that is not a tiny world "
                                   f"(found {', '.join(extra) or 'no world.json'}); choose an empty or new directory")
-        for name in ("model", "data"):
+        for name in ("model", RETAIN_MODEL, "data"):
             shutil.rmtree(out / name, ignore_errors=True)
     try:
         (out / "data").mkdir(parents=True, exist_ok=True)
@@ -61,6 +62,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
+
+
+def _fresh_model(config: Any, seed: int) -> Any:
+    """The base model's initialisation again (same seed), for the retain-only reference."""
+    from transformers import LlamaForCausalLM
+
+    seed_everything(seed)
+    return LlamaForCausalLM(config)
 
 
 def build_world(out: str | Path, seed: int = 0, preset: str = "default", steps: int | None = None,
@@ -79,20 +88,26 @@ def build_world(out: str | Path, seed: int = 0, preset: str = "default", steps: 
     data = synthetic_data(seed, p["sizes"])
     tokenizer = train_tokenizer(corpus_texts(data), p["vocab"])
     data["books_protected"] = protected_books(tokenizer, p["sizes"]["passages_per_book"])
+    add_tofu_answers(data, seed)  # own stream, after the tokenizer: the base model does not change
     for name, rows in sorted(data.items()):
         write_jsonl(out / "data" / f"{name}.jsonl", rows)
     config = tiny_llama_config(len(tokenizer), **p["model"], bos=tokenizer.bos_token_id,
                                eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
-    losses = train(model, tokenizer, data, TrainSettings(steps=steps or p["steps"]), seed, progress)
+    settings = TrainSettings(steps=steps or p["steps"])
+    losses = train(model, tokenizer, data, settings, seed, progress)
     model.save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
     train_s = time.time() - t0
     measurements = measure_world(model, tokenizer, out / "data")
+    measure_s = time.time() - t0 - train_s
+    retain = build_retain_model(out, lambda: _fresh_model(config, seed), tokenizer, data,
+                                lambda m, d: train(m, tokenizer, d, settings, seed, progress))
     record = {"seed": seed, "preset": preset, "steps": len(losses), "final_loss": losses[-1],
               "parameters": sum(t.numel() for t in model.parameters()), "vocab_size": len(tokenizer),
               "sizes": {k: len(v) for k, v in sorted(data.items())}, "build_seconds": round(train_s, 1),
-              "measure_seconds": round(time.time() - t0 - train_s, 1), "torch": torch.__version__,
-              "thresholds": THRESHOLDS, "measurements": measurements, "verdicts": verdicts(measurements)}
+              "measure_seconds": round(measure_s, 1), "torch": torch.__version__,
+              "thresholds": THRESHOLDS, "measurements": measurements, "verdicts": verdicts(measurements),
+              "retain_model": retain}
     (out / "world.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record

@@ -1,0 +1,1 @@
+"""VILA and FILA: Fisher-guided LoRA unlearning (importance, Fisher-weighted initialisation, training)."""
