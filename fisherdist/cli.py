@@ -11,12 +11,13 @@ from fisherdist.errors import FisherdistError
 from fisherdist.eval import cli as eval_cli
 from fisherdist.fisher import cli as fisher_cli
 from fisherdist.methods import sft
+from fisherdist.methods.agl import cli as agl_cli
 from fisherdist.methods.lqlora import cli as lqlora_cli
 from fisherdist.methods.suv import cli as suv_cli
 from fisherdist.plan import cli as plan_cli
 from fisherdist.world import cli as world_cli
 
-COMMAND_MODULES = [distributed_cli, fisher_cli, suv_cli, sft, eval_cli, world_cli, lqlora_cli, plan_cli]
+COMMAND_MODULES = [distributed_cli, fisher_cli, suv_cli, sft, eval_cli, world_cli, lqlora_cli, plan_cli, agl_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:
