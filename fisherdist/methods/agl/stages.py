@@ -81,7 +81,8 @@ def train(r: Ctx) -> None:
     """Fine-tune every arm (plain LoRA, LoRA + EWC, AlignGuard-LoRA) on the same data and steps."""
     from fisherdist.methods.agl.run_arm import train_arm
 
-    curves: dict[str, Any] = {}
+    path = r.out / "curves.json"
+    curves: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}  # other arms' runs stay
     for arm in r.cfg.train.arms:
         curves[arm] = train_arm(r, arm)
     r.write_json("curves.json", curves)
