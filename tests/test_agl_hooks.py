@@ -29,7 +29,7 @@ def _model() -> torch.nn.Module:
         bases[hf_name(mod.name)] = ModuleBasis(u, lam, (u.square() * lam).sum(1))
     attach(model, bases, 2, SCALE, seed=0)
     with torch.no_grad():  # away from B = 0, C = 0, where every penalty and its gradient vanish
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
     return model.to(torch.float64)
