@@ -26,7 +26,8 @@ def _model() -> torch.nn.Module:
         d_out = mod.lora_b.shape[0]
         u = torch.linalg.qr(torch.randn(d_out, M, generator=g, dtype=torch.float64))[0]
         lam = torch.rand(M, generator=g, dtype=torch.float64).sort(descending=True).values
-        bases[hf_name(mod.name)] = ModuleBasis(u, lam, (u.square() * lam).sum(1))
+        v = torch.linalg.qr(torch.randn(mod.lora_a.shape[1], M, generator=g, dtype=torch.float64))[0]
+        bases[hf_name(mod.name)] = ModuleBasis(u, lam, (u.square() * lam).sum(1), v, lam.flip(0) + 0.1)
     attach(model, bases, 2, SCALE, seed=0)
     with torch.no_grad():  # away from B = 0, C = 0, where every penalty and its gradient vanish
         for p in model.parameters():
@@ -41,7 +42,7 @@ def _dense(model: torch.nn.Module) -> float:
         agl = mod.module.agl
         da, dt = agl.dense(), SCALE * mod.lora_b @ mod.lora_a
         fisher = (agl.lam[:, None] * (agl.u.T @ da).square()).sum()
-        curv = (agl.h[:, None] * dt.square()).sum()
+        curv = (agl.h[:, None] * (dt @ agl.v).square() * agl.mu).sum()
         ro = ((1 + WEIGHTS.beta * torch.sigmoid((da + dt).abs() - WEIGHTS.tau)) * da.abs() * dt.abs()).mean()
         gs = (da * dt).sum() ** 2 / (da.square().sum() * dt.square().sum() + WEIGHTS.eps)
         total += float(WEIGHTS.lambda_a * fisher + WEIGHTS.lambda_t * curv

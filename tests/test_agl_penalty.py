@@ -12,7 +12,7 @@ import torch
 from fisherdist.methods.agl.penalty import AglWeights, ModuleFactors, combine, local_sums
 from tests.distributed import run_distributed
 
-D_OUT, D_IN, M, R = 6, 5, 3, 2
+D_OUT, D_IN, M, R, K = 6, 5, 3, 2, 3
 PARAMS = ("c", "a_align", "b", "a_task")
 
 
@@ -21,7 +21,9 @@ def _factors(seed: int = 0) -> ModuleFactors:
     u = torch.linalg.qr(torch.randn(D_OUT, M, generator=g, dtype=torch.float64))[0]
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     return ModuleFactors(u=u, lam=torch.rand(M, generator=g, dtype=torch.float64) + 0.5,
-                         h=torch.rand(D_OUT, generator=g, dtype=torch.float64) + 0.1, c=r(M, R) * 0.3,
+                         h=torch.rand(D_OUT, generator=g, dtype=torch.float64) + 0.1,
+                         v=torch.linalg.qr(r(D_IN, K))[0], mu=torch.rand(K, generator=g, dtype=torch.float64) + 0.5,
+                         c=r(M, R) * 0.3,
                          a_align=r(R, D_IN), b=r(D_OUT, R) * 0.3, a_task=r(R, D_IN), scale=2.0)
 
 
@@ -32,7 +34,8 @@ def _dense(f: ModuleFactors, w: AglWeights) -> dict[str, float]:
     cells = [(i, j) for i in range(D_OUT) for j in range(D_IN)]
     fisher = sum(float(f.lam[k]) * sum(float(f.u[i, k]) * da[i][j] for i in range(D_OUT)) ** 2
                  for k in range(M) for j in range(D_IN))
-    curv = sum(float(f.h[i]) * dt[i][j] ** 2 for i, j in cells)
+    curv = sum(float(f.h[i]) * float(f.mu[k]) * sum(dt[i][j] * float(f.v[j, k]) for j in range(D_IN)) ** 2
+               for i in range(D_OUT) for k in range(K))
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     ro = sum((1 + w.beta * sig(abs(da[i][j] + dt[i][j]) - w.tau)) * abs(da[i][j]) * abs(dt[i][j])
              for i, j in cells) / len(cells)

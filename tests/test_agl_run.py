@@ -40,6 +40,8 @@ def test_agl_run_end_to_end(tmp_path: Path) -> None:
     u, lam = bases["model.layers.0.self_attn.q_proj.vectors"], bases["model.layers.0.self_attn.q_proj.values"]
     torch.testing.assert_close(u.T @ u, torch.eye(4), atol=1e-5, rtol=0)
     assert bool((lam[:-1] >= lam[1:]).all()) and float(lam[0]) > 0
+    v = bases["model.layers.0.self_attn.q_proj.in_vectors"]
+    torch.testing.assert_close(v.T @ v, torch.eye(4), atol=1e-5, rtol=0)
     assert len({k.rsplit(".", 1)[0] for k in bases}) == 16  # q, k, v, o of 4 layers: one basis per module
 
     logs = {arm: json.loads((out / f"train_log_{arm}.json").read_text()) for arm in ("lora", "ewc", "agl")}

@@ -23,11 +23,14 @@ from fisherdist.models.peft_utils import AdaptedModule, adapted_modules
 @dataclass(frozen=True)
 class ModuleBasis:
     """One module's alignment basis: top-m eigenvectors (d_out, m) and eigenvalues of its output-side
-    Fisher factor, and that factor's diagonal (d_out,), all already normalised (see ``fisher.py``)."""
+    Fisher factor, that factor's diagonal (d_out,), and the top-k eigenpairs (d_in, k), (k,) of its
+    input-side factor, all already normalised (see ``fisher.py``)."""
 
     vectors: torch.Tensor
     values: torch.Tensor
     diagonal: torch.Tensor
+    in_vectors: torch.Tensor
+    in_values: torch.Tensor
 
 
 class AlignAdapter(nn.Module):
@@ -42,6 +45,8 @@ class AlignAdapter(nn.Module):
         self.register_buffer("u", basis.vectors.to(init.dtype).clone())
         self.register_buffer("lam", basis.values.to(init.dtype).clone())
         self.register_buffer("h", basis.diagonal.to(init.dtype).clone())
+        self.register_buffer("v", basis.in_vectors.to(init.dtype).clone())
+        self.register_buffer("mu", basis.in_values.to(init.dtype).clone())
         assert self.a.shape == (rank, d_in)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,5 +101,5 @@ def module_factors(mod: AdaptedModule, scale: float, rank: int, world: int) -> M
     b = _full(mod.lora_b)
     d_out = b.shape[0]
     lo, hi = rank * d_out // world, (rank + 1) * d_out // world
-    return ModuleFactors(u=agl.u[lo:hi], lam=agl.lam, h=agl.h[lo:hi], c=_full(agl.c), a_align=_full(agl.a),
+    return ModuleFactors(u=agl.u[lo:hi], lam=agl.lam, h=agl.h[lo:hi], v=agl.v, mu=agl.mu, c=_full(agl.c), a_align=_full(agl.a),
                          b=b[lo:hi], a_task=_full(mod.lora_a), scale=scale, replicated_share=1.0 / world)

@@ -1,14 +1,14 @@
 """The Fisher information AlignGuard-LoRA and its EWC baseline need, from the engine, before fine-tuning.
 
-* AGL: per adapted module, the top-m eigenbasis of the output-side K-FAC factor G = E[g g^T] (g the output
-  gradient of the per-sample alignment NLL) of the aligned base model on alignment data, computed on the
-  factor's owner rank and broadcast (``KroneckerFactors.eigenbasis``); never one global eigenbasis. The
-  curvature diagonal h is the diagonal of that rank-m factor, sum_i lam_i u_i^2 (replicated, no extra
-  collective).
+* AGL: per adapted module, the top-m eigenpairs of the engine's K-FAC factors of the aligned base model on
+  alignment data, G = E[g g^T] (output side, g the output gradient of the per-sample alignment NLL) and
+  A = E[a a^T] (input side), computed on the factors' owner rank and broadcast
+  (``KroneckerFactors.eigenbasis``); never one global eigenbasis. The curvature diagonal h is the diagonal
+  of the rank-m G, sum_i lam_i u_i^2 (replicated, no extra collective).
 * EWC: the engine's per-sample diagonal empirical Fisher of the adapted base weights on the same data.
 
 Both are normalised to be scale-free (the aligned model predicts its refusals confidently, so raw values
-are tiny and model-dependent): eigenvalues by the mean over modules of the top eigenvalue, the diagonal
+are tiny and model-dependent): eigenvalues (each side) by the mean over modules of the top eigenvalue, the diagonal
 Fisher by its mean over all entries, so the lambdas mean the same thing on any model.
 """
 
@@ -51,17 +51,25 @@ def rank_batches(pairs: Pairs, batch_size: int, max_length: int, pad_id: int, ra
 
 
 def alignment_bases(wrapped: Any, batches: list[dict[str, torch.Tensor]], targets: list[str], m: int) -> dict[str, ModuleBasis]:
-    """Per-module top-``m`` bases of the output-side K-FAC factor (collective: every rank calls it)."""
-    spec = FisherSpec(estimator="kfac", kfac_factors="output", params=[f"*{t}.weight" for t in targets], dtype="float64")
+    """Per-module top-``m`` eigenpairs of both K-FAC factors (collective: every rank calls it)."""
+    spec = FisherSpec(estimator="kfac", kfac_factors="both", params=[f"*{t}.weight" for t in targets], dtype="float64")
     acc = estimate_fisher(wrapped, batches, spec, progress=False)
     try:
-        raw = {layer: acc.eigenbasis(f"{layer}.G", m) for layer in sorted(acc.layers)}  # type: ignore[attr-defined]
+        layers = sorted(acc.layers)  # type: ignore[attr-defined]
+        out_side = {n: acc.eigenbasis(f"{n}.G", m) for n in layers}  # type: ignore[attr-defined]
+        d_in = {n: acc.layers[n].in_features for n in layers}  # type: ignore[attr-defined]
+        # a bias adds a constant input coordinate to A; the LoRA update acts on the weight columns only
+        in_side = {n: (v, u[: d_in[n]]) for n, (v, u) in ((n, acc.eigenbasis(f"{n}.A", m)) for n in layers)}  # type: ignore[attr-defined]
     finally:
         acc.close()
-    norm = torch.stack([values[0] for values, _ in raw.values()]).mean().clamp_min(1e-30)
-    return {layer: ModuleBasis(vectors=vec.float(), values=(val / norm).float(),
-                               diagonal=((vec.square() * val).sum(1) / norm).float())
-            for layer, (val, vec) in raw.items()}
+    g_norm, a_norm = (torch.stack([v[0] for v, _ in side.values()]).mean().clamp_min(1e-30) for side in (out_side, in_side))
+    bases = {}
+    for n in layers:
+        (val, vec), (a_val, a_vec) = out_side[n], in_side[n]
+        bases[n] = ModuleBasis(vectors=vec.float(), values=(val / g_norm).float(),
+                               diagonal=((vec.square() * val).sum(1) / g_norm).float(),
+                               in_vectors=a_vec.float(), in_values=(a_val / a_norm).float())
+    return bases
 
 
 def ewc_diagonal(wrapped: Any, batches: list[dict[str, torch.Tensor]], targets: list[str]) -> dict[str, torch.Tensor]:

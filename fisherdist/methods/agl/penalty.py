@@ -9,10 +9,14 @@ collision terms vanish identically): every adapted linear carries TWO separately
 and the model uses W + dW_A + dW_T. U (d_out x m, orthonormal) and its eigenvalues come from the engine's
 output-side K-FAC factor of the aligned model on alignment data, one basis per module. dW_T is not a
 projection of dW_A's complement, so <dW_A, dW_T> and the coordinate overlaps are generically non-zero and
-both collision terms act; the Fisher term acts on dW_A, the curvature term on dW_T.
+both collision terms act; the Fisher term acts on dW_A, the curvature term on dW_T. The curvature is the
+alignment data's own Kronecker curvature diag(h) (x) V Mu V^T: it penalises the task update where it
+changes the layer's output on the *alignment inputs* (an output-only penalty cannot tell a harmful request
+from a benign one and blocks the task as much as it protects refusals).
 
     L_A  = sum_i lam_i ||u_i^T dW_A||^2                       (= s^2 tr(Lam C (A_a A_a^T) C^T))
-    L_T  = sum_j h_j ||dW_T[j, :]||^2                          h = diag of the same output factor
+    L_T  = sum_j h_j sum_k mu_k (dW_T[j, :] . v_k)^2          h = diag of the same output factor, (v_k, mu_k)
+                                                              the top input-side eigenpairs (K-FAC A)
     E_RO = mean_jk w_jk |dW_A,jk| |dW_T,jk|,  w = 1 + beta * sigmoid(|dW_A + dW_T| - tau)
     E_GS = <dW_A, dW_T>^2 / (||dW_A||^2 ||dW_T||^2 + eps)
     L    = lambda_A L_A + lambda_T L_T + lambda_NC (alpha E_RO + (1 - alpha) E_GS),  summed over modules
@@ -53,9 +57,11 @@ class AglWeights(Section):
 class ModuleFactors:
     """One module's tensors as this rank holds them: rows ``[lo, hi)`` of ``u``, ``h`` and ``b``."""
 
-    u: torch.Tensor  # (rows, m) alignment basis rows
+    u: torch.Tensor  # (rows, m) alignment basis rows (output side)
     lam: torch.Tensor  # (m,) eigenvalues
     h: torch.Tensor  # (rows,) curvature diagonal rows
+    v: torch.Tensor  # (d_in, k) input-side eigenvectors
+    mu: torch.Tensor  # (k,) input-side eigenvalues
     c: torch.Tensor  # (m, r_a) alignment adapter coefficients
     a_align: torch.Tensor  # (r_a, d_in)
     b: torch.Tensor  # (rows, r) task adapter B rows
@@ -87,7 +93,8 @@ def local_sums(f: ModuleFactors, w: AglWeights, chunk: int = 1024) -> torch.Tens
     xt, yt = s * f.b, f.a_task  # dW_T rows = xt @ yt
     coef = s * (f.c @ f.a_align)  # U^T dW_A (U orthonormal), whole on every rank
     fisher = (f.lam[:, None] * coef.square()).sum() * f.replicated_share
-    curvature = (f.h[:, None] * (xt @ (yt @ yt.T)) * xt).sum()
+    proj = yt @ f.v  # (r, k): dW_T V = xt @ proj
+    curvature = (f.h[:, None] * (xt @ ((proj * f.mu) @ proj.T)) * xt).sum()
     return torch.stack([fisher, curvature, _overlap_sum(xa, ya, xt, yt, w, chunk), _gram_inner(xa, ya, xt, yt),
                         _gram_inner(xa, ya, xa, ya), _gram_inner(xt, yt, xt, yt)])
 

@@ -20,7 +20,7 @@ from fisherdist.methods.agl.fisher import Pairs, encode_pairs
 from fisherdist.recipes.stages import RunContext
 
 Ctx = RunContext[AglConfig]
-BASIS_PARTS = ("vectors", "values", "diagonal")
+BASIS_PARTS = ("vectors", "values", "diagonal", "in_vectors", "in_values")
 
 
 def alignment_pairs(r: Ctx) -> Pairs:
