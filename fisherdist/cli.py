@@ -11,6 +11,7 @@ from fisherdist.errors import FisherdistError
 from fisherdist.eval import cli as eval_cli
 from fisherdist.fisher import cli as fisher_cli
 from fisherdist.methods import sft
+from fisherdist.methods.agl import cli as agl_cli
 from fisherdist.methods.lqlora import cli as lqlora_cli
 from fisherdist.methods.suv import cli as suv_cli
 from fisherdist.methods.vila import cli as vila_cli
@@ -18,7 +19,8 @@ from fisherdist.models import merge as merge_cli
 from fisherdist.plan import cli as plan_cli
 from fisherdist.world import cli as world_cli
 
-COMMAND_MODULES = [distributed_cli, fisher_cli, suv_cli, merge_cli, sft, eval_cli, world_cli, lqlora_cli, plan_cli, vila_cli]
+COMMAND_MODULES = [distributed_cli, fisher_cli, suv_cli, merge_cli, sft, eval_cli, world_cli, lqlora_cli, plan_cli, vila_cli,
+                   agl_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:

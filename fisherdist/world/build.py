@@ -20,6 +20,7 @@ from fisherdist.data.jsonl import write_jsonl
 from fisherdist.errors import FisherdistError
 from fisherdist.models.tiny import tiny_llama_config
 from fisherdist.world.data import corpus_texts, protected_books, synthetic_data
+from fisherdist.world.drift import write_drift
 from fisherdist.world.measure import THRESHOLDS, measure_world, verdicts
 from fisherdist.world.tofu import RETAIN_MODEL, add_tofu_answers, build_retain_model
 from fisherdist.world.tokenizer import train_tokenizer
@@ -91,6 +92,7 @@ def build_world(out: str | Path, seed: int = 0, preset: str = "default", steps: 
     add_tofu_answers(data, seed)  # own stream, after the tokenizer: the base model does not change
     for name, rows in sorted(data.items()):
         write_jsonl(out / "data" / f"{name}.jsonl", rows)
+    write_drift(out / "data", seed)  # own random stream, never seen by the tokenizer or the model
     config = tiny_llama_config(len(tokenizer), **p["model"], bos=tokenizer.bos_token_id,
                                eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)

@@ -1,0 +1,105 @@
+"""AlignGuard-LoRA's second adapter: dW_A = s * U C A_a beside PEFT's task adapter dW_T = s * B A_t.
+
+:class:`AlignAdapter` sits on every PEFT LoRA layer as submodule ``agl`` (so its parameters have FQNs under
+the layer and every backend sees them like LoRA factors) and adds ``s * ((x A_a^T) C^T) U^T`` to the
+layer's output through a forward hook; U, its eigenvalues and the curvature diagonal are buffers (small,
+replicated: d_out x m per module). C starts at zero, so the model starts exactly at the base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fisherdist.methods.agl.penalty import ModuleFactors
+from fisherdist.models.peft_utils import AdaptedModule, adapted_modules
+
+
+@dataclass(frozen=True)
+class ModuleBasis:
+    """One module's alignment basis: top-m eigenvectors (d_out, m) and eigenvalues of its output-side
+    Fisher factor, that factor's diagonal (d_out,), and the top-k eigenpairs (d_in, k), (k,) of its
+    input-side factor, all already normalised (see ``fisher.py``)."""
+
+    vectors: torch.Tensor
+    values: torch.Tensor
+    diagonal: torch.Tensor
+    in_vectors: torch.Tensor
+    in_values: torch.Tensor
+
+
+class AlignAdapter(nn.Module):
+    """The alignment-subspace adapter of one linear layer."""
+
+    def __init__(self, basis: ModuleBasis, d_in: int, rank: int, scale: float, init: torch.Tensor) -> None:
+        super().__init__()
+        m = basis.vectors.shape[1]
+        self.scale = scale
+        self.c = nn.Parameter(torch.zeros(m, rank, dtype=init.dtype))
+        self.a = nn.Parameter(init.clone())
+        self.register_buffer("u", basis.vectors.to(init.dtype).clone())
+        self.register_buffer("lam", basis.values.to(init.dtype).clone())
+        self.register_buffer("h", basis.diagonal.to(init.dtype).clone())
+        self.register_buffer("v", basis.in_vectors.to(init.dtype).clone())
+        self.register_buffer("mu", basis.in_values.to(init.dtype).clone())
+        assert self.a.shape == (rank, d_in)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * ((x @ self.a.T) @ self.c.T) @ self.u.T
+
+    def dense(self) -> torch.Tensor:
+        """dW_A (d_out, d_in), for the merged export of one module."""
+        return self.scale * self.u @ (self.c @ self.a)
+
+
+def _init_a(name: str, shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """A_a's seeded initial value, PEFT's kaiming-uniform bound, the same on every rank."""
+    digest = int.from_bytes(hashlib.sha256(f"{seed}:{name}.agl.a".encode()).digest()[:8], "little")
+    bound = 1.0 / math.sqrt(shape[1])
+    return (torch.rand(shape, generator=torch.Generator().manual_seed(digest)) * 2 - 1) * bound
+
+
+def _hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    return output + module.agl.delta(inputs[0].to(module.agl.a.dtype)).to(output.dtype)
+
+
+def attach(model: nn.Module, bases: dict[str, ModuleBasis], rank: int, scale: float, seed: int) -> list[str]:
+    """Give every PEFT LoRA layer its :class:`AlignAdapter` (``bases`` keyed by the HF module name, e.g.
+    ``model.layers.0.self_attn.q_proj``); returns the layers adapted, in module order."""
+    names = []
+    for mod in adapted_modules(model):
+        key = hf_name(mod.name)
+        if key not in bases:
+            raise KeyError(f"no alignment basis for {key}")
+        d_in = mod.lora_a.shape[1]
+        dtype = mod.lora_a.dtype
+        mod.module.agl = AlignAdapter(bases[key], d_in, rank, scale, _init_a(key, (rank, d_in), seed).to(dtype))
+        mod.module.register_forward_hook(_hook)
+        names.append(key)
+    return names
+
+
+def hf_name(peft_name: str) -> str:
+    """``base_model.model.model.layers.0...`` -> ``model.layers.0...`` (the name in the HF checkpoint)."""
+    return peft_name.removeprefix("base_model.model.")
+
+
+def _full(t: Any) -> torch.Tensor:
+    """A parameter whole (an FSDP2 DTensor is gathered, differentiably; small LoRA-size factors only)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def module_factors(mod: AdaptedModule, scale: float, rank: int, world: int) -> ModuleFactors:
+    """The tensors :func:`~fisherdist.methods.agl.penalty.local_sums` needs, for this rank's output rows
+    ``[rank*d/world, (rank+1)*d/world)``: the penalty's work is split over ranks, its scalars all-reduced."""
+    agl: AlignAdapter = mod.module.agl
+    b = _full(mod.lora_b)
+    d_out = b.shape[0]
+    lo, hi = rank * d_out // world, (rank + 1) * d_out // world
+    return ModuleFactors(u=agl.u[lo:hi], lam=agl.lam, h=agl.h[lo:hi], v=agl.v, mu=agl.mu, c=_full(agl.c), a_align=_full(agl.a),
+                         b=b[lo:hi], a_task=_full(mod.lora_a), scale=scale, replicated_share=1.0 / world)

@@ -1,0 +1,85 @@
+"""The Fisher information AlignGuard-LoRA and its EWC baseline need, from the engine, before fine-tuning.
+
+* AGL: per adapted module, the top-m eigenpairs of the engine's K-FAC factors of the aligned base model on
+  alignment data, G = E[g g^T] (output side, g the output gradient of the per-sample alignment NLL) and
+  A = E[a a^T] (input side), computed on the factors' owner rank and broadcast
+  (``KroneckerFactors.eigenbasis``); never one global eigenbasis. The curvature diagonal h is the diagonal
+  of the rank-m G, sum_i lam_i u_i^2 (replicated, no extra collective).
+* EWC: the engine's per-sample diagonal empirical Fisher of the adapted base weights on the same data.
+
+Both are normalised to be scale-free (the aligned model predicts its refusals confidently, so raw values
+are tiny and model-dependent): eigenvalues (each side) by the mean over modules of the top eigenvalue, the diagonal
+Fisher by its mean over all entries, so the lambdas mean the same thing on any model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fisherdist.data.jsonl import special_prefix, split_encode
+from fisherdist.fisher import estimate_fisher
+from fisherdist.fisher.spec import FisherSpec
+from fisherdist.methods.agl.adapters import ModuleBasis
+from fisherdist.recipes.losses import collate_prompted
+
+Pairs = list[tuple[list[int], list[int]]]
+
+
+def encode_pairs(tokenizer: Any, rows: list[dict[str, str]]) -> Pairs:
+    """(special prefix + prompt ids, response ids) per record."""
+    lead = special_prefix(tokenizer)
+    return [(lead + p, c) for p, c in (split_encode(tokenizer, r["prompt"], r["response"]) for r in rows)]
+
+
+def rank_batches(pairs: Pairs, batch_size: int, max_length: int, pad_id: int, rank: int, world: int,
+                 device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of prompt-masked rows; every rank gets the same number, topped up with
+    copies marked ``valid=False`` (they carry no loss and are not counted)."""
+    per_step = batch_size * world
+    steps = -(-len(pairs) // per_step)
+    out = []
+    for s in range(steps):
+        idx = [s * per_step + rank * batch_size + i for i in range(batch_size)]
+        valid = [i < len(pairs) for i in idx]
+        rows = [pairs[i if ok else 0] for i, ok in zip(idx, valid)]
+        b = collate_prompted([p for p, _ in rows], [c for _, c in rows], pad_id, max_length)
+        out.append({"input_ids": b.input_ids.to(device), "attention_mask": b.attention_mask.to(device),
+                    "labels": b.labels.to(device), "valid": torch.tensor(valid, device=device)})
+    return out
+
+
+def alignment_bases(wrapped: Any, batches: list[dict[str, torch.Tensor]], targets: list[str], m: int) -> dict[str, ModuleBasis]:
+    """Per-module top-``m`` eigenpairs of both K-FAC factors (collective: every rank calls it)."""
+    spec = FisherSpec(estimator="kfac", kfac_factors="both", params=[f"*{t}.weight" for t in targets], dtype="float64")
+    acc = estimate_fisher(wrapped, batches, spec, progress=False)
+    try:
+        layers = sorted(acc.layers)  # type: ignore[attr-defined]
+        out_side = {n: acc.eigenbasis(f"{n}.G", m) for n in layers}  # type: ignore[attr-defined]
+        d_in = {n: acc.layers[n].in_features for n in layers}  # type: ignore[attr-defined]
+        # a bias adds a constant input coordinate to A; the LoRA update acts on the weight columns only
+        in_side = {n: (v, u[: d_in[n]]) for n, (v, u) in ((n, acc.eigenbasis(f"{n}.A", m)) for n in layers)}  # type: ignore[attr-defined]
+    finally:
+        acc.close()
+    g_norm, a_norm = (torch.stack([v[0] for v, _ in side.values()]).mean().clamp_min(1e-30) for side in (out_side, in_side))
+    bases = {}
+    for n in layers:
+        (val, vec), (a_val, a_vec) = out_side[n], in_side[n]
+        bases[n] = ModuleBasis(vectors=vec.float(), values=(val / g_norm).float(),
+                               diagonal=((vec.square() * val).sum(1) / g_norm).float(),
+                               in_vectors=a_vec.float(), in_values=(a_val / a_norm).float())
+    return bases
+
+
+def ewc_diagonal(wrapped: Any, batches: list[dict[str, torch.Tensor]], targets: list[str]) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of the adapted base weights, keyed by module name, mean-normalised
+    (single-process and replicated backends: every rank gets the whole tensors)."""
+    spec = FisherSpec(estimator="empirical", granularity="sample", params=[f"*{t}.weight" for t in targets])
+    acc = estimate_fisher(wrapped, batches, spec, progress=False)
+    try:
+        diag = {fqn.removesuffix(".weight"): acc.full_fisher(fqn) for fqn in sorted(acc.targets)}  # type: ignore[attr-defined]
+    finally:
+        acc.close()
+    mean = torch.cat([d.reshape(-1) for d in diag.values()]).mean().clamp_min(1e-30)
+    return {k: (v / mean).float() for k, v in diag.items()}

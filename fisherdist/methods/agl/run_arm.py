@@ -1,0 +1,80 @@
+"""One arm of ``fisherdist agl train``: load, attach, fine-tune on the shared trainer, export merged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fisherdist.methods.agl import stages
+from fisherdist.methods.agl.train import AglPenalty, EwcPenalty, ForgettingCurve, SftStepLoss
+from fisherdist.recipes.trainer import Trainer, TrainHook
+
+
+def _prepare(r: stages.Ctx, arm: str) -> Any:
+    from fisherdist.methods.agl.adapters import attach
+    from fisherdist.models.peft_utils import apply_lora
+
+    bases = stages.load_bases(r) if arm == "agl" else {}
+
+    def prepare(base: nn.Module) -> nn.Module:
+        model = apply_lora(base, r.cfg.lora)
+        if arm == "agl":
+            attach(model, bases, r.cfg.train.align_rank, stages.lora_scale(r), r.cfg.train.seed)
+        return model
+
+    return prepare
+
+
+def _penalty(r: stages.Ctx, arm: str, model: nn.Module) -> list[TrainHook]:
+    t = r.cfg.train
+    if arm == "agl":
+        return [AglPenalty(model, t.weights, stages.lora_scale(r), r.rank, r.world)]
+    if arm == "ewc":
+        return [EwcPenalty(model, stages.load_ewc(r), t.lambda_ewc, stages.lora_scale(r))]
+    return []
+
+
+def train_arm(r: stages.Ctx, arm: str) -> list[tuple[int, float]]:
+    """Fine-tune ``arm`` -> ``models/<arm>`` and ``train_log_<arm>.json``; returns its forgetting curve."""
+    from fisherdist.models.sharded_load import load_wrapped
+
+    t, m = r.cfg.train, r.cfg.model
+    w = load_wrapped(m.path, r.dtype, r.cfg.dist.backend, r.env.device, load=m.load, prepare=_prepare(r, arm),
+                     optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=t.lr, weight_decay=t.weight_decay),
+                     seed=t.seed, **r.cfg.backend_options(t.batch_size, t.max_grad_norm))
+    pairs = stages.train_pairs(r)
+    loss = SftStepLoss(w, pairs, r.pad_id, t.max_length)
+    trainer = Trainer(w, len(pairs), t, loss, hooks=[], checkpoint_dir=r.out / "checkpoints" / arm, name=arm)
+    curve = ForgettingCurve(w.module, r.tokenizer, stages.eval_data(r), t.curve_every, trainer.plan.total_steps)
+    trainer.hooks = [*_penalty(r, arm, w.unwrapped), loss, curve]
+    history = trainer.run(progress=False)
+    r.write_json(f"train_log_{arm}.json", history)
+    _export(r, arm, w.gather_trainable())
+    r.log(f"agl {arm}: {len(history)} steps, unsafe refusal {curve.points[0][1]:.2f} -> {curve.points[-1][1]:.2f}")
+    return curve.points
+
+
+@torch.no_grad()
+def _export(r: stages.Ctx, arm: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Rank 0: base + s B A (+ dW_A for AGL) written as one merged HF directory ``models/<arm>``."""
+    if r.rank != 0:
+        return
+    from transformers import AutoModelForCausalLM
+
+    from fisherdist.atomic import atomic_dir
+    from fisherdist.models.export import copy_tokenizer
+
+    model = _prepare(r, arm)(AutoModelForCausalLM.from_pretrained(r.cfg.model.path, dtype=torch.float32))
+    own = dict(model.named_parameters())
+    for name, value in tensors.items():
+        own[name].copy_(value.to(own[name].dtype))
+    for mod in model.modules():
+        if hasattr(mod, "agl"):
+            mod.base_layer.weight += mod.agl.dense().to(mod.base_layer.weight.dtype)
+            del mod.agl
+            mod._forward_hooks.clear()
+    with atomic_dir(r.out / "models" / arm) as tmp:
+        model.merge_and_unload().to(r.dtype).save_pretrained(tmp)
+        copy_tokenizer(r.cfg.model.path, tmp)

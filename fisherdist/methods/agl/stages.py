@@ -1,0 +1,110 @@
+"""The AlignGuard-LoRA pipeline: fisher -> train (every arm) -> eval, as stages that hand over files.
+
+Files under ``out``: ``fisher/bases.safetensors`` (per-module U, eigenvalues, curvature diagonal),
+``fisher/ewc.safetensors`` (diagonal Fisher of the adapted base weights), ``train_log_<arm>.json``,
+``curves.json`` (forgetting curves), ``models/<arm>/`` (merged HF directories), ``drift_report.{json,png}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from fisherdist.data.jsonl import read_records
+from fisherdist.eval.alignment import AlignmentData
+from fisherdist.methods.agl.adapters import ModuleBasis
+from fisherdist.methods.agl.config import AglConfig
+from fisherdist.methods.agl.fisher import Pairs, encode_pairs
+from fisherdist.recipes.stages import RunContext
+
+Ctx = RunContext[AglConfig]
+BASIS_PARTS = ("vectors", "values", "diagonal", "in_vectors", "in_values")
+
+
+def alignment_pairs(r: Ctx) -> Pairs:
+    rows = [x for path in r.cfg.data.alignment for x in read_records(path, ["prompt", "response"])]
+    return encode_pairs(r.tokenizer, rows)
+
+
+def train_pairs(r: Ctx) -> Pairs:
+    return encode_pairs(r.tokenizer, read_records(r.cfg.data.train, ["prompt", "response"]))
+
+
+def eval_data(r: Ctx) -> AlignmentData:
+    d = r.cfg.data
+    return AlignmentData.from_files(d.unsafe, d.safe, d.task_eval, d.heldout, d.refusal)
+
+
+def lora_scale(r: Ctx) -> float:
+    return float(r.cfg.lora.alpha) / r.cfg.lora.r
+
+
+def fisher(r: Ctx) -> None:
+    """Alignment Fisher of the base model: per-module K-FAC output bases (AGL) and the diagonal (EWC)."""
+    from safetensors.torch import save_file
+
+    from fisherdist.methods.agl.fisher import alignment_bases, ewc_diagonal, rank_batches
+    from fisherdist.models.sharded_load import load_wrapped
+
+    f, m = r.cfg.fisher, r.cfg.model
+    w = load_wrapped(m.path, r.dtype, r.cfg.dist.backend, r.env.device, **r.cfg.backend_options(f.batch_size, None))
+    device = next(w.unwrapped.parameters()).device
+    batches = rank_batches(alignment_pairs(r), f.batch_size, f.max_length, r.pad_id, r.rank, r.world, device)
+    bases = alignment_bases(w, batches, r.cfg.lora.targets, f.subspace)
+    ewc = ewc_diagonal(w, batches, r.cfg.lora.targets) if "ewc" in r.cfg.train.arms else {}
+    if r.rank == 0:
+        (r.out / "fisher").mkdir(parents=True, exist_ok=True)
+        flat = {f"{k}.{p}": getattr(b, p).contiguous().cpu() for k, b in bases.items() for p in BASIS_PARTS}
+        save_file(flat, str(r.out / "fisher" / "bases.safetensors"))
+        if ewc:
+            save_file({k: v.contiguous().cpu() for k, v in ewc.items()}, str(r.out / "fisher" / "ewc.safetensors"))
+    r.log(f"agl fisher: {len(bases)} modules, subspace m={f.subspace}, {len(batches)} micro-batches per rank")
+
+
+def load_bases(r: Ctx) -> dict[str, ModuleBasis]:
+    from safetensors.torch import load_file
+
+    flat = load_file(str(r.out / "fisher" / "bases.safetensors"))
+    names = sorted({k.rsplit(".", 1)[0] for k in flat})
+    return {n: ModuleBasis(*(flat[f"{n}.{p}"] for p in BASIS_PARTS)) for n in names}
+
+
+def load_ewc(r: Ctx) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(r.out / "fisher" / "ewc.safetensors"))
+
+
+def train(r: Ctx) -> None:
+    """Fine-tune every arm (plain LoRA, LoRA + EWC, AlignGuard-LoRA) on the same data and steps."""
+    from fisherdist.methods.agl.run_arm import train_arm
+
+    path = r.out / "curves.json"
+    curves: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}  # other arms' runs stay
+    for arm in r.cfg.train.arms:
+        curves[arm] = train_arm(r, arm)
+    r.write_json("curves.json", curves)
+
+
+def evaluate(r: Ctx) -> None:
+    """Base and every arm's merged model: refusal, over-refusal, task accuracy, perplexity -> report."""
+    from transformers import AutoModelForCausalLM
+
+    from fisherdist.eval.alignment import evaluate as eval_model
+    from fisherdist.eval.alignment import write_drift_report
+
+    data = eval_data(r)
+
+    def one(path: Any) -> dict[str, float]:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=r.dtype).to(r.env.device).eval()
+        return eval_model(model, r.tokenizer, data)
+
+    before = one(r.cfg.model.path)
+    after = {arm: one(r.out / "models" / arm) for arm in r.cfg.train.arms}
+    curves_file = r.out / "curves.json"
+    curves = json.loads(curves_file.read_text()) if curves_file.is_file() else {}
+    if r.rank == 0:
+        report = write_drift_report(r.out, before, after, curves)
+        r.log(json.dumps(report["summary"], indent=1))
