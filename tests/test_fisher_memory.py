@@ -12,6 +12,7 @@ import math
 import os
 import random
 
+import pytest
 import torch
 
 from bench.fisher_memory import MB, measure
@@ -103,12 +104,13 @@ def test_statistics_memory_is_the_owned_share_plus_one_bucket():
             assert 0.95 * r["owned"] <= r["peak_stats"] <= r["owned"] + r["bucket"] + 16 * MB, (rank, backend, r)
 
 
+@pytest.mark.timeout(1600)
 def test_kfac_factors_memory_is_the_owned_share_plus_one_bucket():
     """K-FAC on ZeRO-2/3, 2 ranks, every decoder-layer Linear (65 MiB of float32 factors, largest 7.2 MiB):
     each factor streams into the bucketed reduce-scatter as its layer's backward forms it, so a rank peaks
     at its owned factors + one bucket + the layer in flight, never the full 65 MiB it held before."""
     os.environ["DS_ACCELERATOR"] = "cpu"
-    per_rank = run_distributed(measure, 2, ["zero2", "zero3"], SMALL_MODEL, 1.0, ["model.layers.*"], timeout=900)
+    per_rank = run_distributed(measure, 2, ["zero2", "zero3"], SMALL_MODEL, 1.0, ["model.layers.*"], timeout=1500)
     for rank, res in enumerate(per_rank):
         for backend, r in res.items():
             assert r["full"] > 60 * MB and r["owned"] < 0.6 * r["full"], (backend, r)
