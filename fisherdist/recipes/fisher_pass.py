@@ -8,6 +8,7 @@ between optimizer steps, not inside a gradient-accumulation window.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,18 @@ def run_pass(wrapped: Any, tokens: list[list[int]], settings: FisherPassSettings
     return estimate_fisher(wrapped, batches, settings.spec(params), progress=progress, total=len(batches))
 
 
+def pass_settings(settings: FisherPassSettings, params: list[str]) -> dict[str, Any]:
+    """What a saved pass means: a later stage that loads it with any of these changed is refused (a change
+    elsewhere, e.g. a new training weight, reuses the states)."""
+    return {"fisher.estimator": settings.estimator, "fisher.granularity": settings.granularity,
+            "fisher.max_length": settings.max_length, "fisher.dtype": settings.dtype, "fisher.params": list(params)}
+
+
+def tokens_hash(tokens: list[list[int]]) -> str:
+    """Short SHA-256 of the token ids a pass saw (data, tokenizer and truncation in one value)."""
+    return hashlib.sha256(repr(tokens).encode()).hexdigest()[:16]
+
+
 def run_passes(wrapped: Any, named_tokens: dict[str, list[list[int]]], settings: FisherPassSettings, params: list[str],
                pad_id: int, out: Path | None, progress: bool = True) -> dict[str, FisherAccumulator]:
     """One :func:`run_pass` per named token set, each saved to ``out/fisher_<name>`` (DCP) when ``out`` is
@@ -37,16 +50,23 @@ def run_passes(wrapped: Any, named_tokens: dict[str, list[list[int]]], settings:
     for name, tokens in named_tokens.items():
         accs[name] = run_pass(wrapped, tokens, settings, params, pad_id, progress)
         if out is not None:
-            save_fisher(accs[name].state, out / f"fisher_{name}")
+            recorded = {**pass_settings(settings, params), "data.tokens_sha256": tokens_hash(tokens)}
+            save_fisher(accs[name].state, out / f"fisher_{name}", recorded)
     return accs
 
 
 def load_passes(wrapped: Any, names: list[str], settings: FisherPassSettings, params: list[str],
                 out: Path) -> dict[str, FisherAccumulator]:
-    """The states :func:`run_passes` saved, re-sharded onto this run's layout (any world size / backend)."""
+    """The states :func:`run_passes` saved, re-sharded onto this run's layout (any world size / backend),
+    refused in one line when they were computed with other pass settings."""
+    from fisherdist.integrity import check_settings, read_manifest
+
     accs = {}
     for name in names:
+        path = out / f"fisher_{name}"
+        saved = (read_manifest(path) or {}).get("settings") or {}
+        check_settings(path, saved, pass_settings(settings, params), "rerun the fisher stage, or use another out")
         acc = FisherAccumulator(wrapped, settings.spec(params))
-        load_fisher(acc.state, out / f"fisher_{name}")
+        load_fisher(acc.state, path)
         accs[name] = acc
     return accs
