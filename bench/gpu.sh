@@ -4,6 +4,8 @@
 #   suv     LoRA r=8 (q,k,v,o) AdamW step without / with SUV's differential-Fisher log barrier
 #   ngalore Llama-3.2-1B shape: AdamW vs GaLore vs Natural GaLore training step (normal and refresh step)
 #   lqlora  LQ decomposition of one 4096 x 4096 matrix (nf3, rank 64)
+#   vila    Llama-3.2-1B shape, LoRA r=8: VILA's importance pass vs FILA's (forget + retain micro-batch)
+#   agl     AlignGuard-LoRA's penalties over the 7B shape's 128 q,k,v,o modules (forward + backward)
 # each with its peak memory next to `fisherdist plan`'s prediction. The JSON is rewritten after every
 # section, so a cut run still reports what finished.
 #   bash bench/gpu.sh            # writes $OUT/gpu_step.json (or bench/results/gpu_step.json) and prints a table
@@ -16,9 +18,9 @@ json="$out/gpu_step.json"
 python="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "${1:-}" == "--smoke" ]]; then
-    flags=(--smoke); limits=(engine=300 suv=300 ngalore=300 lqlora=300)
+    flags=(--smoke); limits=(engine=300 suv=300 ngalore=300 lqlora=300 vila=300 agl=300)
 else
-    flags=(); limits=(engine=120 suv=80 ngalore=60 lqlora=30)
+    flags=(); limits=(engine=90 suv=60 ngalore=50 lqlora=30 vila=40 agl=25)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
     "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
         | tee -a "$out/gpu.txt"

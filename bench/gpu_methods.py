@@ -97,3 +97,51 @@ def lqlora(args: argparse.Namespace, *_: Any) -> dict[str, Any]:
     return {"decompose": {"median_s": seconds / len(res.errors), "shape": [n, n], "rank": rank, "iterations": len(res.errors),
                           "seconds": seconds, "rel_frobenius_lq_nf3": res.error ** 0.5 / float(w.norm()),
                           "rel_frobenius_nf4": float((w - nf4).norm() / w.norm())}}
+
+
+def vila(args: argparse.Namespace, build: Callable[[argparse.Namespace], torch.nn.Module],
+         timed: Callable[..., dict[str, Any]], planned_gib: Callable[..., float]) -> dict[str, Any]:
+    """VILA's importance pass (centered Fisher of the LoRA factors) vs FILA's (Fisher of the frozen base
+    weights), one forget + one retain micro-batch per timed step, LoRA r=8 on q,k,v,o."""
+    from fisherdist.distributed.wrap import wrap_model
+    from fisherdist.fisher import FisherAccumulator
+    from fisherdist.methods.vila.importance import importance_spec, one_pass
+    from fisherdist.models.peft_utils import LoraSettings, apply_lora
+
+    lora = LoraSettings(dropout=0.0)
+    w = wrap_model(apply_lora(build(args), lora), "none")
+    ids = torch.randint(0, w.unwrapped.config.vocab_size, (args.batch, args.seq), device=args.device)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids),
+             "valid": torch.ones(args.batch, dtype=torch.bool, device=args.device)}
+    out: dict[str, Any] = {}
+    for method in ("vila", "fila"):
+        acc = FisherAccumulator(w, importance_spec(method, lora))
+        out[method] = timed(lambda acc=acc: one_pass(w, acc, [batch], [batch]), args)
+        out[method]["planned_gib"] = planned_gib(args, "--method", method, "--optimizer", "none")
+        out[method]["statistics_bytes"] = sum(t.numel() * t.element_size() for s in acc.states.values()
+                                              for b in s.buffers.values() for t in b.values())
+        acc.close()
+        del acc
+    out["fila"]["ratio"] = out["fila"]["median_s"] / out["vila"]["median_s"]
+    return out
+
+
+def agl(args: argparse.Namespace, timed: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """AlignGuard-LoRA's four penalty terms (forward + backward) over every q,k,v,o module of the 7B shape
+    (128 modules of 4096 x 4096; basis m = 128, r = 8, 16 input eigenpairs), one rank's whole share."""
+    from fisherdist.methods.agl.penalty import AglWeights, ModuleFactors, combine, local_sums
+
+    modules, d, m, r, k = (4, 64, 8, 4, 4) if args.smoke else (128, 4096, 128, 8, 16)
+    g = torch.Generator(device=args.device).manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, device=args.device, generator=g)  # noqa: E731
+    basis = torch.linalg.qr(rnd(d, m))[0]
+    factors = [ModuleFactors(u=basis, lam=rnd(m).abs(), h=rnd(d).abs(), v=torch.linalg.qr(rnd(d, k))[0], mu=rnd(k).abs(),
+                             c=rnd(m, r).requires_grad_(), a_align=rnd(r, d).requires_grad_(),
+                             b=rnd(d, r).requires_grad_(), a_task=rnd(r, d).requires_grad_(), scale=2.0)
+               for _ in range(modules)]
+    weights, numel = AglWeights(), torch.full((modules,), float(d * d), device=args.device)
+
+    def step() -> None:
+        combine(torch.stack([local_sums(f, weights) for f in factors]), numel, weights)["loss"].backward()
+
+    return {"penalty": {**timed(step, args), "modules": modules, "shape": [d, d], "basis": m, "rank": r}}

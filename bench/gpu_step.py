@@ -4,6 +4,8 @@
     python bench/gpu_step.py --section suv --out bench/results/gpu_step.json
     python bench/gpu_step.py --section ngalore --out bench/results/gpu_step.json   # Llama-3.2-1B shape
     python bench/gpu_step.py --section lqlora --out bench/results/gpu_step.json    # one 4096 x 4096 matrix
+    python bench/gpu_step.py --section vila --out bench/results/gpu_step.json      # importance pass, 1B shape
+    python bench/gpu_step.py --section agl --out bench/results/gpu_step.json       # penalties, 7B q,k,v,o shapes
     python bench/gpu_step.py --table --out bench/results/gpu_step.json              # the table of a run
     python bench/gpu_step.py --section engine --smoke --out /tmp/g.json             # tiny world model on CPU
 
@@ -11,7 +13,7 @@
 file (written atomically before and after the section, so a cut run still reports what finished and marks
 what was cut as ``started``). Sections: ``engine`` (plain step vs Fisher accumulation at batch /
 microbatch / sample granularity), ``suv`` (LoRA step vs LoRA step with SUV's Fisher log barrier), and
-``ngalore`` / ``lqlora`` (``bench/gpu_methods.py``).
+``ngalore`` / ``lqlora`` / ``vila`` / ``agl`` (``bench/gpu_methods.py``).
 Models have random weights and activation checkpointing per decoder layer, as the planner assumes.
 """
 
@@ -171,8 +173,14 @@ def ngalore(args: argparse.Namespace) -> dict[str, Any]:
     return gpu_methods.ngalore(args, build, timed, planned_gib)
 
 
+def vila(args: argparse.Namespace) -> dict[str, Any]:
+    args.model = str(WORLD_MODEL) if args.smoke else "llama-3.2-1b"
+    return gpu_methods.vila(args, build, timed, planned_gib)
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "engine": engine, "suv": suv, "ngalore": ngalore, "lqlora": gpu_methods.lqlora}
+    "engine": engine, "suv": suv, "ngalore": ngalore, "lqlora": gpu_methods.lqlora, "vila": vila,
+    "agl": lambda args: gpu_methods.agl(args, timed)}
 
 
 def save(path: Path, doc: dict[str, Any]) -> None:

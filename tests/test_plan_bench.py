@@ -35,6 +35,12 @@ def test_gpu_bench_smoke_runs_every_section(tmp_path):
     assert ngalore["natural_galore"]["planned_gib"] > 0
     lq = doc["lqlora"]["decompose"]
     assert 0 < lq["rel_frobenius_lq_nf3"] < 1 and 0 < lq["rel_frobenius_nf4"] < 1 and lq["iterations"] >= 1
+    vila, agl = doc["vila"], doc["agl"]
+    for method in ("vila", "fila"):
+        assert vila[method]["median_s"] > 0 and vila[method]["planned_gib"] > 0, method
+    # VILA's statistics live on the LoRA factors, FILA's on the whole base weights
+    assert 0 < vila["vila"]["statistics_bytes"] < vila["fila"]["statistics_bytes"]
+    assert agl["penalty"]["median_s"] > 0 and agl["penalty"]["modules"] > 0
     table = (tmp_path / "gpu_step.md").read_text()
     assert "| engine | sample |" in table and "| suv | lora_suv |" in table and "| ngalore | natural_galore |" in table
-    assert "| lqlora | decompose |" in table
+    assert "| lqlora | decompose |" in table and "| vila | fila |" in table and "| agl | penalty |" in table
