@@ -107,6 +107,9 @@ def test_bad_checkpoints_are_reported(tmp_path):
     for shard in broken.glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:10])
     fresh = FisherAccumulator(tiny_llama(), FisherSpec(**SPEC))
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: 10 bytes, MANIFEST.json recorded \d+ \(truncated"):
+        load_fisher(fresh.state, broken)  # the manifest names the damaged file before DCP reads it
+    (broken / "MANIFEST.json").unlink()  # a state without its manifest: DCP's read fails, named as one line
     with pytest.raises(CheckpointError, match="shard files"):
         load_fisher(fresh.state, broken)
 
