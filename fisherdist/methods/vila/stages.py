@@ -96,8 +96,7 @@ def train(r: Ctx) -> None:
     """Unlearn on the adapter (GD / IHL / NPO + retain NLL) -> models/adapter, models/unlearned."""
     from fisherdist.methods.vila.data import qa_pairs
     from fisherdist.methods.vila.train import UnlearnLoss
-    from fisherdist.models.export import export_adapter
-    from fisherdist.models.lora_base import export_base
+    from fisherdist.models.lora_base import export_base, save_adapter
     from fisherdist.recipes.losses import FrozenAdapter
     from fisherdist.recipes.trainer import Trainer
 
@@ -111,9 +110,7 @@ def train(r: Ctx) -> None:
     history = Trainer(w, len(forget), t, loss, checkpoint_dir=r.out / "checkpoints" / "train", name=f"{c.method} train",
                       fingerprint=c.method).run()
     r.write_json("train_log.json", history)
-    tensors = w.gather_trainable()
-    if r.rank == 0:
-        export_adapter(tensors, r.out / "models" / "base", c.lora, r.out / "models" / "adapter", None, r.dtype)
+    save_adapter(w.unwrapped, r.out / "models" / "adapter", r.out / "models" / "base")  # on the rewritten base
     export_base(w.unwrapped, c.model.path, r.out / "models" / "unlearned", merge=True)
 
 
