@@ -45,3 +45,21 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_make_collect_report(collector: pytest.Collector) -> object:
     outcome = yield
     _fail_if_skipped(outcome.get_result())
+
+
+@pytest.fixture(autouse=True)
+def _isolated_process_state():
+    """Each test starts from the same environment and no cached distributed state: a test that runs a
+    command in-process (``init_distributed`` exports RANK / MASTER_PORT / ... for its children, libraries
+    such as accelerate set their own) must not make later tests launch as if inside torchrun."""
+    saved = dict(os.environ)
+    yield
+    import torch.distributed as dist
+
+    from fisherdist.distributed import env
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    env._current, env._owns_group = None, False
+    os.environ.clear()
+    os.environ.update(saved)
