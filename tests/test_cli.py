@@ -1,7 +1,8 @@
 """The ``fisherdist`` command turns user errors into one line ``fisherdist: error: ...`` and exit 2.
 
 The in-process tests drive :func:`fisherdist.cli.main` with a test-only command group
-(``tests/_cli_probe.py``); the subprocess tests run real registered commands as a user would.
+(``tests/_cli_probe.py``), then real registered commands in-process; one real command runs in a fresh
+interpreter as a user would (nothing printed while importing may reach stderr).
 """
 
 from __future__ import annotations
@@ -63,17 +64,17 @@ def _fisherdist(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
-def test_real_command_missing_config(tmp_path: Path) -> None:
+def test_real_command_missing_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "missing.yaml"
-    proc = _fisherdist("fisher", str(missing))
-    assert proc.returncode == 2 and _one_error_line(proc.stderr) == f"{missing}: config file not found"
+    assert cli.main(["fisher", str(missing)]) == 2
+    assert _one_error_line(capsys.readouterr().err) == f"{missing}: config file not found"
 
 
-def test_real_command_bad_override(tmp_path: Path) -> None:
+def test_real_command_bad_override(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("out: x\n")
-    proc = _fisherdist("fisher", str(cfg), "nproc")
-    assert proc.returncode == 2 and _one_error_line(proc.stderr) == "command line: override 'nproc': expected key.path=value"
+    assert cli.main(["fisher", str(cfg), "nproc"]) == 2
+    assert _one_error_line(capsys.readouterr().err) == "command line: override 'nproc': expected key.path=value"
 
 
 def test_real_command_unwritable_output() -> None:

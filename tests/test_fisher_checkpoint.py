@@ -61,10 +61,9 @@ def combined_oracle(parts: list[tuple[int, int, int, int]]) -> dict[str, torch.T
 
 @pytest.mark.parametrize(
     "first,second",
-    [(("fsdp2", 2, 3), ("none", 1, 3)), (("fsdp2", 2, 3), ("fsdp2", 3, 2)), (("ddp", 2, 3), ("fsdp2", 2, 3)),
-     (("zero3", 2, 3), ("fsdp2", 3, 2)), (("fsdp2", 2, 3), ("zero3", 2, 3)), (("zero3", 2, 3), ("none", 1, 3))],
-    ids=["fsdp2x2->single", "fsdp2x2->fsdp2x3", "ddpx2->fsdp2x2", "zero3x2->fsdp2x3", "fsdp2x2->zero3x2",
-         "zero3x2->single"],
+    # every saving backend once, every loading layout once (more ranks, another backend, one process)
+    [(("ddp", 2, 3), ("fsdp2", 3, 2)), (("fsdp2", 2, 3), ("zero3", 2, 3)), (("zero3", 2, 3), ("none", 1, 3))],
+    ids=["ddpx2->fsdp2x3", "fsdp2x2->zero3x2", "zero3x2->single"],
 )
 def test_reshard_and_continue(tmp_path, monkeypatch, first, second):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # inherited by the spawned ranks
