@@ -1,7 +1,13 @@
 """A tiny multi-process harness: run a function on N gloo ranks with a hard timeout.
 
 A hang fails the test instead of blocking CI, and any rank's exception is re-raised with its traceback.
-The function must be importable (module-level) so spawned processes can pickle it.
+The function must be importable (module-level) so the ranks can unpickle it.
+
+Ranks are forked from a ``forkserver`` that imported torch, transformers, peft and deepspeed once
+(``tests/_rank_preload.py``): a spawned rank spends ~10 CPU-seconds importing them, which on a 2-core CI
+machine was most of the suite.
+The server never runs a torch op (no thread pools to inherit), and every rank gets the caller's
+``os.environ`` at the time of the call, as a spawned process would.
 """
 
 from __future__ import annotations
@@ -24,7 +30,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+_context: Any = None
+
+
+def _noop() -> None:
+    return None
+
+
+def _forkserver() -> Any:
+    """The shared context; its server starts on first use, with DeepSpeed's accelerator fixed to the CPU (as
+    every test sets it) so a GPU on the machine cannot change what the preloaded deepspeed chose."""
+    global _context
+    if _context is None:
+        _context = mp.get_context("forkserver")
+        _context.set_forkserver_preload(["tests._rank_preload"])
+        previous = os.environ.get("DS_ACCELERATOR")
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        try:
+            warm = _context.Process(target=_noop, daemon=True)
+            warm.start()  # waits for the server's imports, so they never count against a test's timeout
+            warm.join()
+        finally:
+            if previous is None:
+                os.environ.pop("DS_ACCELERATOR")
+            else:
+                os.environ["DS_ACCELERATOR"] = previous
+    return _context
+
+
+def _entry(rank: int, world: int, port: int, env: dict[str, str], fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -50,10 +86,11 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
 
 def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 180.0) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo processes; return the per-rank results."""
-    ctx = mp.get_context("spawn")
+    ctx = _forkserver()
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue), daemon=True) for r in range(world)]
+    env = dict(os.environ)
+    procs = [ctx.Process(target=_entry, args=(r, world, port, env, fn, args, queue), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
