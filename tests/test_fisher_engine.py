@@ -1,11 +1,12 @@
-"""The sharded engine equals an independent float64 per-sample oracle, for every backend x granularity x
-estimator that makes sense, on full-parameter and PEFT (frozen base + LoRA) targets."""
+"""The engine equals an independent float64 per-sample oracle, for every granularity x estimator that makes
+sense, on full-parameter and PEFT (frozen base + LoRA) targets: one process, and FSDP2 / ZeRO on one rank.
+The shared helpers (``run_engine``, ``run_all_cases``, ``_check``) also serve the 2-rank DDP / FSDP2 cases,
+which run inside the one launch of ``tests/test_fisher_layouts.py``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from fisherdist.distributed.wrap import wrap_model
 from fisherdist.fisher import FisherAccumulator, FisherSpec, fisher_step
@@ -95,31 +96,16 @@ def _params(granularity: str, peft: bool) -> list[str]:
     return LORA_TARGETS if peft else FULL
 
 
-def run_all_cases(rank: int, world: int, backend: str) -> dict:
-    """Every case in one process group (spawning is the slow part on 2 cores)."""
+def run_all_cases(rank: int, world: int) -> dict:
+    """Every case on DDP and FSDP2 in one process group (spawning is the slow part on 2 cores)."""
     out = {}
-    for granularity, estimator, token_weighted in CASES:
-        for peft in (False, True):
-            spec = dict(granularity=granularity, estimator=estimator, token_weighted=token_weighted,
-                        params=_params(granularity, peft))
-            out[(granularity, estimator, token_weighted, peft)] = run_engine(rank, world, backend, spec, peft)
+    for backend in ("ddp", "fsdp2"):
+        for granularity, estimator, token_weighted in CASES:
+            for peft in (False, True):
+                spec = dict(granularity=granularity, estimator=estimator, token_weighted=token_weighted,
+                            params=_params(granularity, peft))
+                out[(backend, granularity, estimator, token_weighted, peft)] = run_engine(rank, world, backend, spec, peft)
     return out
-
-
-@pytest.fixture(scope="module", params=["ddp", "fsdp2"])
-def sharded_results(request):
-    return request.param, run_distributed(run_all_cases, 2, request.param, timeout=600)
-
-
-@pytest.mark.parametrize("granularity,estimator,token_weighted", CASES)
-@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
-def test_sharded_matches_oracle(sharded_results, granularity, estimator, token_weighted, peft):
-    _backend, results = sharded_results
-    spec = dict(granularity=granularity, estimator=estimator, token_weighted=token_weighted, params=_params(granularity, peft))
-    per_rank = [r[(granularity, estimator, token_weighted, peft)] for r in results]
-    _check(per_rank[0], peft, spec, 2)
-    for r in per_rank:  # each rank holds ~1/N of every statistic (+ row padding)
-        assert r["local"] <= r["total"] / 2 + 256
 
 
 def _one_rank(rank: int, world: int) -> dict:

@@ -188,3 +188,46 @@ def test_two_sample_accumulators_on_one_model_each_equal_a_lone_one():
     for got in run(2):
         for k in SMALL:
             assert_rel_close(got[k], lone[k], k, tol=1e-12)
+
+
+class _Rows(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __init__(self, n: int) -> None:
+        self.ids, self.labels = dataset(n)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def test_online_fisher_in_a_trainer_decays_per_optimizer_step(tmp_path):
+    """``decay`` inside a real ``transformers.Trainer`` (FisherCallback, gradient accumulation 2, lr 0): the
+    EMA moves once per optimizer step, not per micro-batch; the read-out equals the formula over the
+    Trainer's own batches, each sample's gradient computed by the oracle."""
+    from transformers import Trainer, TrainingArguments
+
+    from fisherdist.fisher.checkpoint import read_fisher
+    from fisherdist.fisher.export import mean_fisher
+    from fisherdist.integrations.hf import FisherCallback
+
+    beta, rows, model = 0.5, _Rows(12), tiny_llama()
+    fed: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].clone()), with_kwargs=True)
+    cb = FisherCallback(spec=FisherSpec(params=SMALL, dtype="float64", decay=beta), save_dir=tmp_path / "export")
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                             learning_rate=0.0, use_cpu=True, report_to=[], max_steps=2, save_strategy="no", seed=3)
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[cb]).train()
+    assert len(fed) == 4  # two optimizer steps of two micro-batches
+    sums, weights = {k: 0.0 for k in SMALL}, 0.0
+    for step in (fed[0:2], fed[2:4]):
+        idx = [int((rows.ids == r).all(1).nonzero()) for batch in step for r in batch]
+        found = units(tiny_llama(), rows.ids[idx], rows.labels[idx], SMALL, "sample", "empirical", 1, len(idx))
+        sums = {k: beta * sums[k] + sum(g[k] ** 2 for _, g in found) for k in SMALL}
+        weights = beta * weights + len(found)
+    stats, counts, meta = read_fisher(tmp_path / "export" / "fisher")
+    assert counts["weight"] == pytest.approx(weights)  # the counts decay with the sums
+    got = mean_fisher(stats, "empirical", counts["weight"])
+    for k in SMALL:  # the Trainer's loss runs in float32 (HF upcasts the logits to float32, not float64)
+        want = sums[k] / weights
+        torch.testing.assert_close(got[k].reshape(want.shape), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))

@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 from fisherdist.distributed.wrap import wrap_model
 from fisherdist.fisher import FisherSpec, fisher_step
@@ -97,22 +96,22 @@ def test_owned_placement_balances_whole_tensors():
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"]
 
 
+def _all_backends(rank: int, world: int) -> dict:
+    """DDP, FSDP2 and ZeRO-1/2/3 in ONE 2-rank launch (spawning is the slow part on 2 cores)."""
+    return {backend: run_kfac(rank, world, backend) for backend in ("ddp", "fsdp2")} | run_kfac_zero(rank, world)
+
+
 @pytest.fixture(scope="module")
-def zero_results() -> list[dict]:
+def sharded_results() -> list[dict]:
     os.environ["DS_ACCELERATOR"] = "cpu"
-    return run_distributed(run_kfac_zero, 2, timeout=600)
+    return run_distributed(_all_backends, 2, timeout=600)
 
 
-@pytest.mark.parametrize("backend", ["zero1", "zero2", "zero3"])
-def test_kfac_on_zero_matches_direct_computation(zero_results, backend):
-    """Streamed during backward under ZeRO, float32 model on ZeRO-3 (float64 elsewhere)."""
-    _check_factors([r[backend] for r in zero_results], direct_factors(LAYERS), 1e-5 if backend != "zero3" else 1e-4)
-
-
-@pytest.mark.parametrize("backend", ["none", "ddp", "fsdp2"])
-def test_kfac_matches_direct_computation(backend):
-    results = [run_kfac(0, 1, "none")] if backend == "none" else run_distributed(run_kfac, 2, backend, timeout=240)
-    _check_factors(results, direct_factors(LAYERS), 1e-5)
+@pytest.mark.parametrize("backend", ["none", "ddp", "fsdp2", "zero1", "zero2", "zero3"])
+def test_kfac_matches_direct_computation(sharded_results, backend):
+    """ZeRO streams during backward, float32 model on ZeRO-3 (float64 elsewhere)."""
+    results = [run_kfac(0, 1, "none")] if backend == "none" else [r[backend] for r in sharded_results]
+    _check_factors(results, direct_factors(LAYERS), 1e-4 if backend == "zero3" else 1e-5)
 
 
 def _check_factors(results: list[dict], ref: dict, tol: float) -> None:

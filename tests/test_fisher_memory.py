@@ -75,27 +75,39 @@ def _check(world: int, results: list[list[dict]]) -> None:
                     torch.testing.assert_close(res["dict"][f][s], full[start : start + numel], rtol=0, atol=1e-12)
 
 
-def test_bucketed_reduce_scatter_matches_the_sum():
-    """Buckets of 1, 17 and 1000 elements (cuts inside every parameter, or one bucket) on 1, 2 and 3 ranks,
-    ZeRO-1/2-like irregular fragments (balanced buckets reduce-scatter, unbalanced ones reduce per owner)."""
-    _check(1, [_stream_all(0, 1)])
-    for world in (2, 3):
-        _check(world, run_distributed(_stream_all, world, timeout=240))
-
-
 # 8.4M parameters (34 MB of float32 statistics): holding them whole on a rank, as the pre-streaming ZeRO
 # path did (plus its full-size send buffer), breaks the bound below by far; the largest parameter is 4 MB
 SMALL_MODEL = dict(vocab_size=2048, hidden_size=512, intermediate_size=1376, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=4)
 
 
-def test_statistics_memory_is_the_owned_share_plus_one_bucket():
+def _two_ranks(rank: int, world: int) -> dict[str, object]:
+    """ONE 2-rank launch: the stream against the sum, then the statistics and K-FAC memory measurements."""
+    return {"stream": _stream_all(rank, world), "stats": measure(rank, world, ["zero2", "zero3", "fsdp2"], SMALL_MODEL, 1.0),
+            "kfac": measure(rank, world, ["zero2", "zero3"], SMALL_MODEL, 1.0, ["model.layers.*"])}
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    return run_distributed(_two_ranks, 2, timeout=1500)
+
+
+@pytest.mark.timeout(1600)
+def test_bucketed_reduce_scatter_matches_the_sum(two_ranks):
+    """Buckets of 1, 17 and 1000 elements (cuts inside every parameter, or one bucket) on 1, 2 and 3 ranks,
+    ZeRO-1/2-like irregular fragments (balanced buckets reduce-scatter, unbalanced ones reduce per owner)."""
+    _check(1, [_stream_all(0, 1)])
+    _check(2, [r["stream"] for r in two_ranks])
+    _check(3, run_distributed(_stream_all, 3, timeout=240))
+
+
+@pytest.mark.timeout(1600)
+def test_statistics_memory_is_the_owned_share_plus_one_bucket(two_ranks):
     """Per rank, 2 ranks, sample granularity, all parameters: peak <= owned + one bucket + 16 MB (ZeRO's
     bucket is fisher.bucket_mb; FSDP2's is its largest unit, whose statistics exist before its hook runs),
     and at least the owned share (the count sees the running sums, so it is not blind)."""
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    per_rank = run_distributed(measure, 2, ["zero2", "zero3", "fsdp2"], SMALL_MODEL, 1.0, timeout=900)
-    for rank, res in enumerate(per_rank):
+    for rank, res in enumerate(r["stats"] for r in two_ranks):
         for backend, r in res.items():
             assert r["full"] > 2 * r["owned"] - 64 * 1024 and r["full"] > 30 * MB, (backend, r)
             # FSDP2's "bucket" is its unit: the unit's statistics are formed before its reduce-scatter hook
@@ -105,13 +117,11 @@ def test_statistics_memory_is_the_owned_share_plus_one_bucket():
 
 
 @pytest.mark.timeout(1600)
-def test_kfac_factors_memory_is_the_owned_share_plus_one_bucket():
+def test_kfac_factors_memory_is_the_owned_share_plus_one_bucket(two_ranks):
     """K-FAC on ZeRO-2/3, 2 ranks, every decoder-layer Linear (65 MiB of float32 factors, largest 7.2 MiB):
     each factor streams into the bucketed reduce-scatter as its layer's backward forms it, so a rank peaks
     at its owned factors + one bucket + the layer in flight, never the full 65 MiB it held before."""
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    per_rank = run_distributed(measure, 2, ["zero2", "zero3"], SMALL_MODEL, 1.0, ["model.layers.*"], timeout=1500)
-    for rank, res in enumerate(per_rank):
+    for rank, res in enumerate(r["kfac"] for r in two_ranks):
         for backend, r in res.items():
             assert r["full"] > 60 * MB and r["owned"] < 0.6 * r["full"], (backend, r)
             # the one-layer baseline's own factors (2 MiB, on one rank) come off the delta: hence 0.9

@@ -1,23 +1,26 @@
-"""DeepSpeed ZeRO-1/2/3: local statistics streamed through bucketed reduce-scatters equal the float64 oracle.
+"""DeepSpeed ZeRO-1/2/3: local statistics streamed through bucketed reduce-scatters equal the float64 oracle;
+several accumulators and named states on one engine; an online (EMA) Fisher resharded 2 -> 3 ranks.
 
-Every DeepSpeed case runs in ONE 2-rank launch (DeepSpeed's first start JIT-builds a small op, ~45 s,
-cached afterwards); each case builds, wraps and measures a fresh model.
+Two launches in all: every 2-rank case in one (each case builds, wraps and measures a fresh model), and
+one 3-rank launch that loads what the 2 ranks saved (under FSDP1, and the EMA under ZeRO-2).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 
+import pytest
 import torch
 
 from fisherdist.distributed.wrap import wrap_model
 from fisherdist.errors import FisherdistError
 from fisherdist.fisher import FisherAccumulator, FisherSpec, fisher_step
 from fisherdist.fisher.checkpoint import load_fisher, save_fisher
-from fisherdist.fisher.run import _loss
 from fisherdist.fisher.loss import per_sample_nll
+from fisherdist.fisher.run import _loss
 from tests.distributed import run_distributed
-from tests.fisher_oracle import dataset, micro_batches, model_dtype, oracle, tiny_llama
+from tests.fisher_oracle import dataset, mean_token_nll, micro_batches, model_dtype, oracle, tiny_llama
 from tests.test_fisher_engine import FULL, LORA_TARGETS, MB, N, _check, assert_rel_close, build
 
 CASES = [  # (stage, granularity, estimator, token_weighted, peft, gradient_accumulation_steps)
@@ -99,27 +102,113 @@ def _batch_checks(rank: int, world: int) -> tuple[str, dict]:
     return error, {f: acc.full_fisher(f) for f in acc.targets}
 
 
-def _all_cases(rank: int, world: int, cases: list[tuple], ckpt: str | None) -> tuple[list[dict], tuple[str, dict]]:
-    results = [_run_case(rank, world, case, ckpt if k == 0 else None) for k, case in enumerate(cases)]
-    return results, _batch_checks(rank, world)
+# -- several statistics on one engine, and an online Fisher that reshards (ZeRO-2) --------------------------
+SMALL = ["model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "lm_head.weight"]
+MULTI = {"A": dict(params=SMALL, dtype="float64", bucket_mb=0.01),
+         "B": dict(params=SMALL, dtype="float64", granularity="microbatch", estimator="rank1"),
+         "C": dict(params=SMALL, dtype="float64"),
+         "D": dict(params=SMALL, dtype="float64", decay=0.6)}
+NAMED = ("forget", "retain")
+MULTI_N = 24  # samples 0..11 on 2 ranks x 3 (two optimizer steps), 12..23 (EMA only) on 3 ranks x 2
 
 
-def _load_under_fsdp1(rank: int, world: int, case: tuple, ckpt: str) -> dict[str, torch.Tensor]:
-    """Load a ZeRO checkpoint (irregular fragments, 2 ranks) into FSDP1 (other fragments, ``world`` ranks)."""
-    w = wrap_model(build(case[4]), "fsdp1")
-    acc = FisherAccumulator(w, FisherSpec(dtype="float64", **_spec(case)))
+def _multi_steps(lo: int, world: int, mb: int) -> list[list[list[int]]]:
+    return [[[lo + i for i in idx] for idx in step] for step in micro_batches(MULTI_N // 2, world, mb)]
+
+
+def _multi_run(model, backward, accs: dict, steps: list, ranks: list[int]) -> None:
+    """Per optimizer step: the listed ranks' micro-batches (one each on a real rank, all of them in one
+    process), recorded by every accumulator (C into the step's named state); then each ``acc.step()``."""
+    ids, labels = dataset(MULTI_N)
+    for k, step in enumerate(steps):
+        for r in ranks:
+            idx = step[r]
+            with ExitStack() as stack:
+                for name, acc in accs.items():
+                    stack.enter_context(acc.record(labels[idx], state=NAMED[k % 2] if name == "C" else "default"))
+                backward(mean_token_nll(model(input_ids=ids[idx]).logits, labels[idx]).sum())
+        for acc in accs.values():
+            acc.step()
+
+
+def _on_zero2(rank: int, names: str, steps: list, load: str | None = None) -> dict:
+    """A live ZeRO-2 engine (gradients dropped, no optimizer step) carrying the accumulators ``names``."""
+    w = wrap_model(tiny_llama(), "zero2", micro_batch_size=3)
+    accs = {n: FisherAccumulator(w, FisherSpec(**MULTI[n])) for n in names}
+    if load:
+        load_fisher(accs["D"].state, load)
+
+    def backward(loss: torch.Tensor) -> None:
+        w.backward(loss)
+        w.clear_grads()
+
+    _multi_run(w.module, backward, accs, steps, [rank])
+    return accs
+
+
+def _full(acc: FisherAccumulator, state: str = "default") -> dict[str, torch.Tensor]:
+    return {f: acc.full_fisher(f, state=state) for f in SMALL}
+
+
+def two_rank_accumulators(rank: int, world: int, ema: str) -> dict:
+    accs = _on_zero2(rank, "ABCD", _multi_steps(0, world, 3))
+    save_fisher(accs["D"].state, ema)
+    return {"A": _full(accs["A"]), "B": _full(accs["B"]), "C": {s: _full(accs["C"], s) for s in NAMED},
+            "C_default_weight": accs["C"].state.global_counts()["weight"]}
+
+
+def three_rank_ema(rank: int, world: int, ema: str) -> dict:
+    accs = _on_zero2(rank, "D", _multi_steps(MULTI_N // 2, world, 2), load=ema)
+    return {"full": _full(accs["D"]), "counts": accs["D"].state.global_counts()}
+
+
+def lone_run(name: str, keep: int | None = None, resumed: bool = False) -> dict[str, torch.Tensor]:
+    """Accumulator ``name`` alone in one process over both ranks' micro-batches; ``keep``: only the steps of
+    that parity (one named state, recorded as the default state); ``resumed``: then the 3-rank steps too."""
+    model = tiny_llama()
+    acc = FisherAccumulator(model, FisherSpec(**MULTI[name]))
+
+    def backward(loss: torch.Tensor) -> None:
+        loss.backward()
+        model.zero_grad(set_to_none=False)
+
+    steps = [s for k, s in enumerate(_multi_steps(0, 2, 3)) if keep is None or k % 2 == keep]
+    _multi_run(model, backward, {"A" if keep is not None else name: acc}, steps, [0, 1])
+    if resumed:
+        _multi_run(model, backward, {name: acc}, _multi_steps(MULTI_N // 2, 3, 2), [0, 1, 2])
+    return _full(acc)
+
+
+def _two_ranks(rank: int, world: int, ckpt: str, ema: str) -> dict:
+    """Every 2-rank check in ONE launch; the fp16 patch last (it changes DeepSpeed's accelerator class)."""
+    return {"cases": [_run_case(rank, world, case, ckpt if k == 0 else None) for k, case in enumerate(CASES)],
+            "batch": _batch_checks(rank, world), "multi": two_rank_accumulators(rank, world, ema),
+            "fp16": _zero3_where_the_cpu_reports_fp16(rank, world)}
+
+
+def _three_ranks(rank: int, world: int, ckpt: str, ema: str) -> dict:
+    """Load a ZeRO checkpoint (irregular fragments, 2 ranks) into FSDP1 (other fragments, 3 ranks); resume
+    the 2-rank EMA on 3 ZeRO-2 ranks."""
+    w = wrap_model(build(CASES[0][4]), "fsdp1")
+    acc = FisherAccumulator(w, FisherSpec(dtype="float64", **_spec(CASES[0])))
     load_fisher(acc.state, ckpt)
-    return {f: acc.full_fisher(f) for f in acc.targets}
+    return {"fsdp1": {f: acc.full_fisher(f) for f in acc.targets}, "ema": three_rank_ema(rank, world, ema)}
 
 
-def check_cases(cases: list[tuple], ckpt: str | None = None) -> list[dict]:
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> tuple[list[dict], list[dict]]:
     os.environ["DS_ACCELERATOR"] = "cpu"  # inherited by the spawned ranks
-    out = run_distributed(_all_cases, 2, cases, ckpt, timeout=900)
-    results = [r[0] for r in out]
-    assert all("call engine.step()" in r[1][0] for r in out), [r[1][0] for r in out]
-    via_fisher_step = out[0][1][1]
+    tmp = tmp_path_factory.mktemp("zero")
+    ckpt, ema = str(tmp / "fisher"), str(tmp / "ema")
+    return run_distributed(_two_ranks, 2, ckpt, ema, timeout=900), run_distributed(_three_ranks, 3, ckpt, ema, timeout=600)
+
+
+def check_cases(out: list[dict]) -> list[list[dict]]:
+    results = [r["cases"] for r in out]
+    assert all("call engine.step()" in r["batch"][0] for r in out), [r["batch"][0] for r in out]
+    via_fisher_step = out[0]["batch"][1]
     _check({"full": via_fisher_step}, False, {"granularity": "batch", "estimator": "empirical"}, 2)
-    for k, case in enumerate(cases):
+    for k, case in enumerate(CASES):
         assert results[0][k]["meta"]["backend"] == f"zero{case[0]}"
         assert results[0][k]["meta"]["grad_scale"] == case[5]
         if case[1] == "batch" and case[5] > 1:  # the oracle's "batch" = one boundary = MB x GAS samples per rank
@@ -134,13 +223,42 @@ def check_cases(cases: list[tuple], ckpt: str | None = None) -> list[dict]:
     return results
 
 
-def test_zero_stages_match_oracle(tmp_path):
-    results = check_cases(CASES, str(tmp_path / "fisher"))
+@pytest.mark.timeout(1600)
+def test_zero_stages_match_oracle(launched):
+    results = check_cases(launched[0])
     # topology independence: the ZeRO-1 state written by 2 ranks loads into FSDP1 on 3 ranks unchanged
     assert CASES[0][0] == 1
-    loaded = run_distributed(_load_under_fsdp1, 3, CASES[0], str(tmp_path / "fisher"), timeout=120)[0]
-    for fqn, got in loaded.items():
+    for fqn, got in launched[1][0]["fsdp1"].items():
         assert_rel_close(got, results[0][0]["full"][fqn], f"{fqn} reloaded under fsdp1", tol=1e-12)
+
+
+@pytest.mark.timeout(1600)
+def test_two_accumulators_and_named_states_each_equal_a_lone_run(launched):
+    """On one ZeRO-2 engine: ``A`` (sample, tiny buckets) and ``B`` (micro-batch rank-1) each equal the same
+    accumulator alone in one process; ``C``'s two named states each equal a single-state run on that
+    state's steps alone, and its default state stays empty."""
+    for name in "AB":
+        alone = lone_run(name)
+        for r in launched[0]:
+            for f in SMALL:
+                assert_rel_close(r["multi"][name][f], alone[f], f"{name} {f}", tol=1e-10)
+    for k, state in enumerate(("forget", "retain")):
+        alone = lone_run("C", keep=k)
+        for r in launched[0]:
+            assert r["multi"]["C_default_weight"] == 0
+            for f in SMALL:
+                assert_rel_close(r["multi"]["C"][state][f], alone[f], f"{state} {f}", tol=1e-10)
+
+
+@pytest.mark.timeout(1600)
+def test_ema_saved_on_two_ranks_resumes_on_three(launched):
+    """``D`` (decay 0.6) saved by 2 ZeRO-2 ranks, loaded by 3 and continued: equal to one process running
+    the same optimizer steps uninterrupted (the EMA formula itself is checked in test_fisher_exact)."""
+    want = lone_run("D", resumed=True)
+    for r in launched[1]:
+        for f in SMALL:
+            assert_rel_close(r["ema"]["full"][f], want[f], f)
+        assert 0 < r["ema"]["counts"]["samples"] < 24  # the counts decay with the sums
 
 
 def _zero3_where_the_cpu_reports_fp16(rank: int, world: int) -> dict:
@@ -169,9 +287,9 @@ def _zero3_where_the_cpu_reports_fp16(rank: int, world: int) -> dict:
     return {"deepspeed": deepspeed_error, "ours": ours, "full": {f: acc.full_fisher(f) for f in acc.targets}}
 
 
-def test_zero3_on_a_cpu_with_fp16_support():
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    out = run_distributed(_zero3_where_the_cpu_reports_fp16, 2, timeout=240)[0]
+@pytest.mark.timeout(1600)
+def test_zero3_on_a_cpu_with_fp16_support(launched):
+    out = launched[0][0]["fp16"]
     assert "Invalid data type torch.float64" in out["deepspeed"], out["deepspeed"]  # the patch reproduces it
     assert out["ours"] == ("dist.backend=zero3: model dtype torch.float64 is not supported by DeepSpeed ZeRO-3 "
                            "(use float32 or bfloat16)")

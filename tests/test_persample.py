@@ -283,11 +283,32 @@ def _wrapped_worker(rank: int, world: int, kind: str) -> dict[str, float]:
     return {"errs": errs, "dtype": dtype}
 
 
-@pytest.mark.parametrize("kind", ["fsdp2", "fsdp1", "ddp", "zero3"])
-def test_wrapped_fsdp_ddp(kind: str) -> None:
+KINDS = ["fsdp2", "fsdp1", "ddp", "zero3"]
+
+
+def _wrapped_all(rank: int, world: int) -> dict[str, dict]:
+    """Every wrapper in ONE launch (spawning is the slow part); a failed check is kept per wrapper."""
+    out: dict[str, dict] = {}
+    for kind in KINDS:
+        try:
+            out[kind] = _wrapped_worker(rank, world, kind)
+        except AssertionError as err:
+            out[kind] = {"error": str(err)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def wrapped_results() -> list[dict[str, dict]]:
     from tests.distributed import run_distributed
 
-    for result in run_distributed(_wrapped_worker, 2, kind, timeout=120):
+    return run_distributed(_wrapped_all, 2, timeout=300)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_wrapped_fsdp_ddp(wrapped_results: list[dict[str, dict]], kind: str) -> None:
+    for per_kind in wrapped_results:
+        result = per_kind[kind]
+        assert "error" not in result, result.get("error")
         tol = 1e-6 if result["dtype"] == torch.float64 else 1e-5  # ZeRO-3 runs the float32 copy
         assert max(result["errs"].values()) <= tol, result  # the fused weight gradient survives the reduction
 

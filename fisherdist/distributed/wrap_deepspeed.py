@@ -79,6 +79,10 @@ def _import_deepspeed(stage: int) -> Any:
         import deepspeed
     except ImportError as err:  # pragma: no cover - deepspeed is a dependency
         raise FisherdistError(f"dist.backend=zero{stage} needs deepspeed (pip install 'deepspeed>=0.19,<0.20'): {err}") from err
+    if not torch.cuda.is_available():  # its CPU shared-memory all-reduce (inference only) is otherwise
+        ops = getattr(deepspeed.ops, "__compatible_ops__", None)  # JIT-built into a per-machine cache at launch
+        if isinstance(ops, dict):  # DeepSpeed keeps edits to this dict
+            ops["deepspeed_shm_comm"] = False
     return deepspeed
 
 
