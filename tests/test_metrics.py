@@ -112,3 +112,33 @@ def test_recipes_trainer_writes_one_row_per_step(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3] and [r["loss"] for r in lines] == seen
     assert all(r["lr"] > 0 for r in lines) and "samples_per_s" in lines[-1]
+
+
+def test_pass_logs_trace_and_max_per_group_against_a_float64_oracle(tmp_path):
+    """metrics.jsonl of a method's Fisher pass: trace and max per target group = the mean of per-sample squared
+    gradients of the mean-token NLL, computed here sample by sample in float64 (ragged lengths)."""
+    from fisherdist.distributed.wrap import wrap_model
+    from fisherdist.recipes.config import FisherPassSettings
+    from fisherdist.recipes.fisher_pass import run_passes
+    from tests.fisher_oracle import grads_of, tiny_llama
+
+    model = tiny_llama(0)
+    patterns = ["model.layers.*.self_attn.q_proj.weight", "model.layers.*.mlp.down_proj.weight"]
+    names = [n for n, _ in model.named_parameters() if n.endswith(("q_proj.weight", "down_proj.weight"))]
+    rows = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    want: dict[str, torch.Tensor] = {}
+    for r in rows:
+        ids = torch.tensor([r])
+        for n, g in grads_of(model, ids, ids, names).items():
+            want[n] = want.get(n, 0) + g.double() ** 2 / len(rows)
+    w = wrap_model(model, "none")
+    logger = MetricsLogger(tmp_path)
+    run_passes(w, {"forbidden": rows}, FisherPassSettings(batch_size=2, max_length=8, dtype="float64"), patterns, 0,
+               None, progress=False, metrics=logger)["forbidden"].close()
+    logger.close()
+    (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert row["stage"] == "fisher_forbidden" and row["step"] == 2 and row["fisher/samples"] == 3
+    assert row["fisher/trace"] == pytest.approx(sum(float(f.sum()) for f in want.values()), rel=1e-9)
+    for group in {target_group(n) for n in names}:
+        assert row[f"fisher/{group}/max"] == pytest.approx(max(float(want[n].max()) for n in names
+                                                               if target_group(n) == group), rel=1e-9)

@@ -63,7 +63,7 @@ def fisher(r: Ctx) -> None:
     retain = _retain(r, fs.max_length)
     r.log(f"[bold]fisher[/]: {len(forbid)} forbidden and {len(retain)} retain samples")
     w = training_model(r, r.cfg.train)
-    r.state["barrier"] = compute_and_save(w, forbid, retain, fs, r.cfg.lora, r.pad_id, r.out)
+    r.state["barrier"] = compute_and_save(w, forbid, retain, fs, r.cfg.lora, r.pad_id, r.out, metrics=r.metrics)
 
 
 def train(r: Ctx) -> None:
