@@ -59,6 +59,7 @@ def test_scalars_and_groups():
 
 
 def test_fisher_command_logs_trace_and_group_max_of_a_streamed_parquet(tmp_path):
+    """data.streaming / data.columns as YAML keys; the logged summaries against the exported Fisher."""
     import datasets
     from safetensors.torch import load_file
 
@@ -67,8 +68,8 @@ def test_fisher_command_logs_trace_and_group_max_of_a_streamed_parquet(tmp_path)
     model_dir = build_model_dir(tmp_path)
     datasets.Dataset.from_dict({"body": texts(7)}).to_parquet(str(tmp_path / "d.parquet"))
     cfg = tmp_path / "f.yaml"
-    cfg.write_text(f"model: {{path: {model_dir}}}\ndata: {{path: '{tmp_path}/d.parquet?streaming=true&text=body', "
-                   f"max_length: 16, batch_size: 3}}\nfisher: {{params: ['model.layers.*.mlp.*', 'lm_head.weight']}}\n"
+    cfg.write_text(f"model: {{path: {model_dir}}}\ndata: {{path: '{tmp_path}/d.parquet', streaming: true, "
+                   f"columns: {{text: body}}, max_length: 16, batch_size: 3}}\nfisher: {{params: ['model.layers.*.mlp.*', 'lm_head.weight']}}\n"
                    f"out: {tmp_path / 'out'}\nlog: {{tensorboard: true}}\n")
     assert cli.main(["fisher", str(cfg)]) == 0
     assert cli.main(["export", str(tmp_path / "out"), "--out", str(tmp_path / "f.safetensors")]) == 0

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 
 from fisherdist.commands import config_command
-from fisherdist.config import DataFile, Section
+from fisherdist.config import DataFile, DataKeys
 from fisherdist.data.jsonl import encode, read_records, special_prefix, split_encode
 from fisherdist.distributed.collectives import all_reduce_sum
 from fisherdist.metrics import MetricsLogger
@@ -39,7 +39,7 @@ Prompted = tuple[list[int], list[int]]
 """One record as token ids: (special prefix + prompt, response)."""
 
 
-class SftData(Section):
+class SftData(DataKeys):
     train: DataFile = Field(description="JSON Lines records {prompt, response} (or {text} for pretraining)")
     prompt_field: str | None = Field("prompt", description="null: no prompt, every token of the text is scored")
     response_field: str = "response"
