@@ -154,7 +154,7 @@ class Trainer:
         self.ckpt = RunCheckpointer(checkpoint_dir, settings.keep_checkpoints) if checkpoint_dir is not None else None
         self.fingerprint = config_hash(settings.model_dump_json(exclude=CHECKPOINT_KEYS) + f"|{num_records}|{fingerprint}")
         self.history: list[dict[str, Any]] = []
-        self.metrics = metrics  # per-step rows to metrics.jsonl / TensorBoard / W&B (rank 0 writes)
+        self.metrics = metrics  # per-step rows (metrics.jsonl / TensorBoard / W&B): give it on every rank, rank 0 writes
         self._tokens: TokenCounter | None = None
         self.start_step = 0
         self._base_lrs = [g["lr"] for g in wrapped.optimizer.param_groups] if wrapped.optimizer is not None else []
