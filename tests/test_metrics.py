@@ -29,13 +29,15 @@ def test_every_sink_gets_each_step(tmp_path, monkeypatch):
     logger = MetricsLogger(tmp_path, LogSettings(tensorboard=True, wandb=WandbSettings(project="fd-test")))
     for s, row in enumerate(rows, start=1):
         logger.log(s, row)
+    logger.log(1, {"loss": 9.0}, stage="arm b")  # a second trainer restarting at step 1
     logger.close()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines.pop() == {"step": 1, "time": pytest.approx(lines[-1]["time"], abs=60), "stage": "arm b", "loss": 9.0}
     assert [r["step"] for r in lines] == [1, 2, 3] and all(isinstance(r["time"], float) for r in lines)
     assert [r["loss"] for r in lines] == [1.5, 0.5, -0.5] and [r["grad_norm"] for r in lines] == [0.5, 1.0, 1.5]
     assert "records" not in lines[0]
     events = _events(tmp_path / "tensorboard")
-    assert events["loss"] == [(1, 1.5), (2, 0.5), (3, -0.5)]
+    assert events["loss"] == [(1, 1.5), (2, 0.5), (3, -0.5)] and events["arm_b/loss"] == [(1, 9.0)]
     assert [v for _, v in events["lr"]] == pytest.approx([1e-3, 2e-3, 3e-3])
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
