@@ -7,11 +7,21 @@ problem into one :class:`ConfigError` line naming the file, the key, the bad val
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fisherdist.errors import ConfigError
 
@@ -50,6 +60,46 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_REF_CHECK = typing.get_args(DataFile)[1]  # the validator that marks a field as a data reference
+
+
+def _is_ref(annotation: Any, metadata: list[Any]) -> bool:
+    """A ``DataFile`` field (possibly optional or a list of them)."""
+    if any(m is _REF_CHECK for m in metadata):
+        return True
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _is_ref(args[0], list(args[1:]))
+    return any(_is_ref(a, []) for a in args)
+
+
+class DataKeys(Section):
+    """``split``, ``name``, ``streaming`` and ``columns`` (``FIELD: COLUMN``) as YAML keys beside a section's data
+    references, folded into each of them at load time (``myorg/corpus?split=validation&streaming=true&text=body``);
+    what a reference says itself wins. Everything downstream reads plain references."""
+
+    split: str | None = Field(None, description="dataset split (default: train); slices like train[:1000] work")
+    name: str | None = Field(None, description="the dataset's configuration name (load_dataset's second argument)")
+    streaming: bool = Field(False, description="read records lazily, never all in memory")
+    columns: dict[str, str] = Field(default_factory=dict, description="FIELD: COLUMN, the column each field reads")
+
+    @model_validator(mode="after")
+    def _fold_keys(self) -> DataKeys:
+        from fisherdist.data.source import with_keys
+
+        keys = {"split": self.split, "name": self.name, "streaming": "true" if self.streaming else None,
+                **self.columns}
+        if not any(keys.values()):
+            return self
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value is None or not _is_ref(info.annotation, list(info.metadata)):
+                continue
+            folded = [with_keys(v, keys) for v in value] if isinstance(value, list) else with_keys(value, keys)
+            self.__dict__[name] = folded  # no re-validation: the reference was checked field by field
+        return self
+
+
 class ModelConfig(Section):
     path: str = Field(description="local Hugging Face model directory (or @world/model)")
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"
@@ -65,8 +115,8 @@ class ModelConfig(Section):
         return str(p)
 
 
-class DataConfig(Section):
-    path: DataFile = Field(description="JSON Lines file, one record per line")
+class DataConfig(DataKeys):
+    path: DataFile = Field(description="a data reference (JSONL, Parquet, Arrow, save_to_disk directory, dataset id)")
     field: str = "text"
     max_length: int = Field(128, gt=0)
     num_samples: int | None = Field(None, gt=0, description="first N records in file order")

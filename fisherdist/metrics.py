@@ -4,8 +4,10 @@
       tensorboard: true             # OUT/tensorboard/ event files
       wandb: {project: my-project}  # offline by default (OUT/wandb/offline-run-*), mode: online to sync
 
-One JSON object per step, ``{"step": N, "time": unix seconds, <name>: value, ...}``. Only rank 0 writes;
-callers pass values that are already global (reduced over ranks), so every sink shows the run, not a rank.
+One JSON object per step, ``{"step": N, "time": unix seconds, "stage": NAME, <name>: value, ...}``. Only rank 0
+writes; callers pass values that are already global (reduced over ranks), so every sink shows the run, not a rank.
+One run (all stages of a command) shares one logger; ``stage`` tells apart trainers whose steps restart at 1
+(e.g. AGL's arms): TensorBoard and W&B tags are ``STAGE/NAME``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class MetricsLogger:
                  resume: bool = False) -> None:
         self.out, self.settings = Path(out), settings or LogSettings()
         self.enabled = is_main()
-        self._last: tuple[float, int] | None = None
+        self._last: dict[str | None, float] = {}
         self._tb: Any = None
         self._wandb: Any = None
         if not self.enabled:
@@ -69,32 +71,38 @@ class MetricsLogger:
         if self.settings.wandb is not None:
             self._wandb = _wandb_run(self.settings.wandb, self.out, config or {})
 
-    def log(self, step: int, values: Mapping[str, Any]) -> None:
+    def log(self, step: int, values: Mapping[str, Any], stage: str | None = None) -> None:
         """Write one step's scalars (non-scalars in ``values`` are ignored)."""
         if not self.enabled:
             return
         row = scalars(values)
-        self._file.write(json.dumps({"step": int(step), "time": time.time(), **row}) + "\n")
+        head: dict[str, Any] = {"step": int(step), "time": time.time(), **({"stage": stage} if stage else {})}
+        self._file.write(json.dumps({**head, **row}) + "\n")
         self._file.flush()
-        for key, value in row.items():
+        tagged = {(f"{stage.replace(' ', '_')}/{k}" if stage else k): v for k, v in row.items()}
+        for key, value in tagged.items():
             if self._tb is not None:
                 self._tb.add_scalar(key, value, global_step=int(step))
-        if self._wandb is not None:
-            self._wandb.log(row, step=int(step))
+        if self._wandb is not None:  # W&B's own step must grow, and stages restart at 1: the step is a value
+            self._wandb.log({**tagged, f"{stage.replace(' ', '_')}/step": step} if stage else tagged,
+                            **({} if stage else {"step": int(step)}))
 
     def log_step(self, step: int, row: Mapping[str, Any], optimizer: torch.optim.Optimizer | None = None,
-                 samples: int | None = None, tokens: float | None = None) -> None:
-        """A training step's row plus the learning rate and the throughput since the previous call."""
-        extra: dict[str, float] = {}
+                 samples: int | None = None, tokens: float | None = None, stage: str | None = None) -> None:
+        """A training step's row plus the learning rate and the throughput since the previous call of the
+        same stage (the first step of a stage has none)."""
+        extra: dict[str, float] = {"samples": samples} if samples is not None else {}
+        extra.update({"tokens": tokens} if tokens is not None else {})
         if optimizer is not None and optimizer.param_groups:
             extra["lr"] = float(optimizer.param_groups[0]["lr"])
         now = time.perf_counter()
-        if self._last is not None and now > self._last[0]:
-            seconds = now - self._last[0]
+        last = self._last.get(stage)
+        if last is not None and now > last:
+            seconds = now - last
             extra.update({"samples_per_s": samples / seconds} if samples is not None else {})
             extra.update({"tokens_per_s": tokens / seconds} if tokens is not None else {})
-        self._last = (now, step)
-        self.log(step, {**row, **extra})
+        self._last[stage] = now
+        self.log(step, {**row, **extra}, stage)
 
     def close(self) -> None:
         if not self.enabled:

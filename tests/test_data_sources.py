@@ -111,3 +111,47 @@ def test_config_accepts_dataset_directories_and_ids(sources):
     assert DataConfig(path="someorg/corpus?split=train").path == "someorg/corpus?split=train"  # read later
     with pytest.raises(ValueError, match="no data file at"):
         DataConfig(path=sources["root"] + "/absent.parquet")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_config_keys_fold_into_the_references(sources, world):
+    """data.split / data.streaming / data.columns as YAML keys read what the same keys in the reference read:
+    the JSONL path's batches on every rank, the uneven last step topped up; a reference's own key wins."""
+    from fisherdist.config import DataConfig
+
+    root, tok = sources["root"], WordTokenizer()
+    cfg = DataConfig(path=f"{root}/dict", split="validation", streaming=True, columns={"text": "content"})
+    assert cfg.path == f"{root}/dict?split=validation&streaming=true&text=content"
+    last_valid = 0
+    for rank in range(world):
+        want, _ = data_batches(sources["jsonl"], "text", tok, 6, 2, rank, world, skip=1)
+        got, n = data_batches(cfg.path, "text", tok, 6, 2, rank, world, skip=1)
+        assert n is None and _flat(got) == _flat(want)
+        last_valid += int(want[-1]["valid"].sum())
+    assert last_valid == 10 % (2 * world)  # 10 records after the skip never fill the last step on 2 or 3 ranks
+    own = DataConfig(path=f"{root}/dict?split=train", split="validation", columns={"text": "content"})
+    assert [r["text"] for r in read_records(own.path, ["text"])] == ROWS[:3]
+    assert DataConfig(path=sources["jsonl"]).path == sources["jsonl"]  # no keys: the JSONL reader, unchanged
+
+
+@pytest.mark.parametrize("keys,message", [
+    ({"split": "test", "columns": {"text": "content"}}, "no split 'test' (available: train, validation)"),
+    ({"columns": {"text": "body"}}, "no column 'body' for field 'text' (columns: content, n)"),
+])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_config_key_errors_are_one_line(sources, keys, message, streaming):
+    from fisherdist.config import DataConfig
+
+    cfg = DataConfig(path=f"{sources['root']}/dict", streaming=streaming, **keys)
+    with pytest.raises(FisherdistError) as err:
+        read_records(cfg.path, ["text"])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_empty_stream_fails_in_one_line(sources):
+    from fisherdist.config import DataConfig
+
+    cfg = DataConfig(path=f"{sources['root']}/empty.parquet", streaming=True, columns={"text": "content"})
+    with pytest.raises(FisherdistError) as err:
+        list(data_batches(cfg.path, "text", WordTokenizer(), 6, 2, 0, 1)[0])
+    assert "no records (split train is empty)" in str(err.value) and "\n" not in str(err.value)

@@ -1,6 +1,6 @@
 """FisherCallback inside a real ``transformers.Trainer`` on 2 gloo ranks: the exported Fisher equals the
 float64 oracle (which computes every sample's mean token NLL itself) whatever the Trainer's loss averaging,
-and a run resumed from a Trainer checkpoint equals an uninterrupted one."""
+and a run resumed from a Trainer checkpoint equals an uninterrupted one. ZeRO-3 is refused in one line."""
 
 from __future__ import annotations
 
@@ -42,6 +42,16 @@ def _args(out: Path, zero: int | None, **kw: object):  # type: ignore[no-untyped
                              max_steps=2, save_strategy="steps", save_steps=1, seed=3, **kw)
 
 
+def _no_shm_jit() -> None:
+    """DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op at ``deepspeed.initialize``, under
+    a file lock in ~/.cache/torch_extensions: minutes on a loaded machine, and a build killed midway leaves a
+    stale lock that blocks every later start (the "ZeRO-3 under the Trainer stalls" of an earlier probe). The
+    op is an inference fast path; gloo does the training collectives without it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def _train(out: Path, save: Path, zero: int | None, resume: str | None = None, **kw: object) -> None:
     from transformers import Trainer
 
@@ -66,6 +76,7 @@ def _exported(save: Path) -> dict[str, torch.Tensor]:
 def _worker(rank: int, world: int, root: str) -> dict[str, dict[str, torch.Tensor]]:
     """Uninterrupted ZeRO-2 run (tokens averaged across ranks, the default), then a run resumed from its
     checkpoint-1 with each rank averaging its own tokens: both must give the oracle."""
+    _no_shm_jit()
     base = Path(root)
     _train(base / "a", base / "fa", 2)
     out = {"full": _exported(base / "fa")}
@@ -96,3 +107,17 @@ def test_trainer_zero2_fisher_matches_oracle_and_resumes(tmp_path):
     assert int(got["ckpt_files"]["n"]) == WORLD  # each rank wrote its shard with the Trainer checkpoint
     assert float(got["resumed"]["_samples"]) == N
     _close(got["resumed"], want)
+
+
+def test_zero3_is_refused_in_one_line():
+    """A ZeRO-3 model (parameters carrying DeepSpeed's ``ds_tensor`` partition) stops the callback before any
+    accumulation: on 2 gloo ranks its Fisher differed from the oracle while ZeRO-2 matched."""
+    from fisherdist.errors import FisherdistError
+    from fisherdist.integrations.hf import FisherCallback
+
+    model = tiny_llama(0)
+    model.lm_head.weight.ds_tensor = torch.zeros(1)
+    with pytest.raises(FisherdistError) as err:
+        FisherCallback().on_train_begin(None, None, None, model=model)  # type: ignore[arg-type]
+    assert "ZeRO-3" in str(err.value) and "\n" not in str(err.value)
+

@@ -29,13 +29,15 @@ def test_every_sink_gets_each_step(tmp_path, monkeypatch):
     logger = MetricsLogger(tmp_path, LogSettings(tensorboard=True, wandb=WandbSettings(project="fd-test")))
     for s, row in enumerate(rows, start=1):
         logger.log(s, row)
+    logger.log(1, {"loss": 9.0}, stage="arm b")  # a second trainer restarting at step 1
     logger.close()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines.pop() == {"step": 1, "time": pytest.approx(lines[-1]["time"], abs=60), "stage": "arm b", "loss": 9.0}
     assert [r["step"] for r in lines] == [1, 2, 3] and all(isinstance(r["time"], float) for r in lines)
     assert [r["loss"] for r in lines] == [1.5, 0.5, -0.5] and [r["grad_norm"] for r in lines] == [0.5, 1.0, 1.5]
     assert "records" not in lines[0]
     events = _events(tmp_path / "tensorboard")
-    assert events["loss"] == [(1, 1.5), (2, 0.5), (3, -0.5)]
+    assert events["loss"] == [(1, 1.5), (2, 0.5), (3, -0.5)] and events["arm_b/loss"] == [(1, 9.0)]
     assert [v for _, v in events["lr"]] == pytest.approx([1e-3, 2e-3, 3e-3])
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
@@ -59,6 +61,7 @@ def test_scalars_and_groups():
 
 
 def test_fisher_command_logs_trace_and_group_max_of_a_streamed_parquet(tmp_path):
+    """data.streaming / data.columns as YAML keys; the logged summaries against the exported Fisher."""
     import datasets
     from safetensors.torch import load_file
 
@@ -67,8 +70,8 @@ def test_fisher_command_logs_trace_and_group_max_of_a_streamed_parquet(tmp_path)
     model_dir = build_model_dir(tmp_path)
     datasets.Dataset.from_dict({"body": texts(7)}).to_parquet(str(tmp_path / "d.parquet"))
     cfg = tmp_path / "f.yaml"
-    cfg.write_text(f"model: {{path: {model_dir}}}\ndata: {{path: '{tmp_path}/d.parquet?streaming=true&text=body', "
-                   f"max_length: 16, batch_size: 3}}\nfisher: {{params: ['model.layers.*.mlp.*', 'lm_head.weight']}}\n"
+    cfg.write_text(f"model: {{path: {model_dir}}}\ndata: {{path: '{tmp_path}/d.parquet', streaming: true, "
+                   f"columns: {{text: body}}, max_length: 16, batch_size: 3}}\nfisher: {{params: ['model.layers.*.mlp.*', 'lm_head.weight']}}\n"
                    f"out: {tmp_path / 'out'}\nlog: {{tensorboard: true}}\n")
     assert cli.main(["fisher", str(cfg)]) == 0
     assert cli.main(["export", str(tmp_path / "out"), "--out", str(tmp_path / "f.safetensors")]) == 0
@@ -112,3 +115,33 @@ def test_recipes_trainer_writes_one_row_per_step(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3] and [r["loss"] for r in lines] == seen
     assert all(r["lr"] > 0 for r in lines) and "samples_per_s" in lines[-1]
+
+
+def test_pass_logs_trace_and_max_per_group_against_a_float64_oracle(tmp_path):
+    """metrics.jsonl of a method's Fisher pass: trace and max per target group = the mean of per-sample squared
+    gradients of the mean-token NLL, computed here sample by sample in float64 (ragged lengths)."""
+    from fisherdist.distributed.wrap import wrap_model
+    from fisherdist.recipes.config import FisherPassSettings
+    from fisherdist.recipes.fisher_pass import run_passes
+    from tests.fisher_oracle import grads_of, tiny_llama
+
+    model = tiny_llama(0)
+    patterns = ["model.layers.*.self_attn.q_proj.weight", "model.layers.*.mlp.down_proj.weight"]
+    names = [n for n, _ in model.named_parameters() if n.endswith(("q_proj.weight", "down_proj.weight"))]
+    rows = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    want: dict[str, torch.Tensor] = {}
+    for r in rows:
+        ids = torch.tensor([r])
+        for n, g in grads_of(model, ids, ids, names).items():
+            want[n] = want.get(n, 0) + g.double() ** 2 / len(rows)
+    w = wrap_model(model, "none")
+    logger = MetricsLogger(tmp_path)
+    run_passes(w, {"forbidden": rows}, FisherPassSettings(batch_size=2, max_length=8, dtype="float64"), patterns, 0,
+               None, progress=False, metrics=logger)["forbidden"].close()
+    logger.close()
+    (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert row["stage"] == "fisher_forbidden" and row["step"] == 2 and row["fisher/samples"] == 3
+    assert row["fisher/trace"] == pytest.approx(sum(float(f.sum()) for f in want.values()), rel=1e-9)
+    for group in {target_group(n) for n in names}:
+        assert row[f"fisher/{group}/max"] == pytest.approx(max(float(want[n].max()) for n in names
+                                                               if target_group(n) == group), rel=1e-9)

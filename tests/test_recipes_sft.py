@@ -56,6 +56,7 @@ def test_sft_recipe_end_to_end(tmp_path: Path) -> None:
     assert one[0]["nll"] == pytest.approx(_step_oracle(first_epoch, seed=0), rel=1e-9)
     two = _run(tmp_path / "two", "dist.backend=fsdp2", "dist.nproc=2", "train.batch_size=2")
     assert [r["nll"] for r in two] == pytest.approx([r["nll"] for r in one], rel=1e-7)
+    _check_metrics(tmp_path / "one", tmp_path / "two", one, first_epoch)
     models = tmp_path / "one" / "models"
     adapter = load_file(str(models / "adapter" / "adapter_model.safetensors"))
     base = AutoModelForCausalLM.from_pretrained(default_world_dir() / "model", dtype=torch.float64).state_dict()
@@ -63,6 +64,28 @@ def test_sft_recipe_end_to_end(tmp_path: Path) -> None:
     name = "model.layers.0.self_attn.q_proj"
     a, b = (adapter[f"base_model.model.{name}.lora_{x}.weight"].double() for x in "AB")
     torch.testing.assert_close(merged[f"{name}.weight"], base[f"{name}.weight"] + 2.0 * (b @ a), rtol=1e-5, atol=1e-6)
+
+
+def _metrics(out: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_metrics(one_dir: Path, two_dir: Path, one: list[dict], records: list[dict[str, str]]) -> None:
+    """metrics.jsonl: one row per step with the loss, lr, gradient norm, counts and rates; the values are the
+    run's (2 FSDP2 ranks log what 1 process logs), tokens = every record's length once per epoch."""
+    from transformers import AutoTokenizer
+
+    rows, rows2 = _metrics(one_dir), _metrics(two_dir)
+    assert [r["step"] for r in rows] == [r["step"] for r in rows2] == list(range(1, 7))
+    assert all(r["stage"] == "train" and r["lr"] == 1e-3 for r in rows + rows2)
+    assert [r["nll"] for r in rows] == [r["nll"] for r in one]
+    assert [r["samples"] for r in rows] == [r["samples"] for r in rows2] == [4, 2] * 3
+    assert [r["grad_norm"] for r in rows2] == pytest.approx([r["grad_norm"] for r in rows], rel=1e-7)
+    assert all(r["grad_norm"] > 0 for r in rows) and all(r["tokens_per_s"] > 0 for r in rows[1:] + rows2[1:])
+    tok = AutoTokenizer.from_pretrained(default_world_dir() / "model")
+    lengths = [min(64, 1 + len(tok(r["question"] + r["answer"], add_special_tokens=False)["input_ids"])) for r in records]
+    assert [r["tokens"] for r in rows2] == [r["tokens"] for r in rows]
+    assert sum(r["tokens"] for r in rows) == 3 * sum(lengths)
 
 
 def _step_oracle(records: list[dict[str, str]], seed: int) -> float:

@@ -69,6 +69,16 @@ def parse_ref(text: str | Path) -> DataRef:
     return DataRef(source, split or None, name or None, streaming in ("true", "1"), opts)
 
 
+def with_keys(text: str, keys: dict[str, str | None]) -> str:
+    """``text`` with ``keys`` added to its query (the reference's own keys win; ``None`` values are skipped)."""
+    from urllib.parse import urlencode
+
+    source, _, query = str(text).partition("?")
+    own = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+    merged = {**{k: v for k, v in keys.items() if v is not None}, **own}
+    return f"{source}?{urlencode(merged, safe='[]:/')}" if merged else source
+
+
 def check_ref(text: str) -> str:
     """Config-time check: a local source must exist (a dataset id is checked when read). Returns the
     reference with ``@world/`` and ``~`` resolved."""

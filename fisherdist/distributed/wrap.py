@@ -6,6 +6,7 @@ No method file imports ``fully_shard`` or ``deepspeed``: recipes call :func:`wra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -38,6 +39,7 @@ class ZeroEngine(Protocol):
     def is_gradient_accumulation_boundary(self) -> bool: ...
     def gradient_accumulation_steps(self) -> int: ...
     def gradient_clipping(self) -> float: ...
+    def get_global_grad_norm(self) -> float | None: ...
 
 
 @dataclass
@@ -113,16 +115,27 @@ class Wrapped:
         """Trainable parameters under their unwrapped (FQN) names."""
         return [(n, p) for n, p in self.unwrapped.named_parameters() if p.requires_grad]
 
-    def clip_grad_norm(self, max_norm: float) -> None:
-        """Clip the global gradient norm. ZeRO clips inside ``engine.step`` with its config's
-        ``gradient_clipping``, which must then say the same (a silent mismatch would train differently)."""
+    def clip_grad_norm(self, max_norm: float | None) -> float | None:
+        """Clip the global gradient norm (``None``: only measure it); returns the norm before clipping. ZeRO
+        clips inside ``engine.step`` with its config's ``gradient_clipping``, which must then say the same (a
+        silent mismatch would train differently); its norm is known after the step (:meth:`engine_grad_norm`)."""
+        if self.backend == "fsdp1":  # flat-parameter shards: FSDP's own clip reduces the norm over ranks
+            return float(cast(Any, self.module).clip_grad_norm_(max_norm or math.inf))
         if not self.engine_owns_grads:
-            torch.nn.utils.clip_grad_norm_([p for _, p in self.named_trainable()], max_norm)
-            return
+            params = [p for _, p in self.named_trainable()]
+            norm = (torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm is not None else
+                    torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
         configured = float(self.engine.gradient_clipping() or 0.0)
-        if configured != max_norm:
+        if max_norm is not None and configured != max_norm:
             raise FisherdistError(f"max_grad_norm={max_norm} but the DeepSpeed config has gradient_clipping={configured}; "
                                   "set deepspeed.gradient_clipping to the same value")
+        return None
+
+    def engine_grad_norm(self) -> float | None:
+        """ZeRO: the global gradient norm DeepSpeed computed in the last ``step`` (None elsewhere)."""
+        norm = self.engine.get_global_grad_norm() if self.engine_owns_grads else None
+        return None if norm is None else float(norm)
 
     def add_full_grad(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         """Add a full-size ``grad`` to ``param``'s reduced gradient (after ``backward``, before ``step``):

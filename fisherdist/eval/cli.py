@@ -13,12 +13,12 @@ from typing import Any
 from pydantic import Field
 
 from fisherdist.commands import config_command
-from fisherdist.config import DataFile, ModelConfig, Section
+from fisherdist.config import DataFile, DataKeys, ModelConfig, Section
 from fisherdist.eval.memorization import MemorizationSettings
 from fisherdist.eval.utility import UtilitySettings
 
 
-class EvalData(Section):
+class EvalData(DataKeys):
     books: DataFile = Field(description="protected passages, JSONL records {book, text}")
     heldout: DataFile | None = Field(None, description="held-out general text, JSONL records {text}")
     task: DataFile | None = Field(None, description="task records {prompt, response} for greedy exact match")

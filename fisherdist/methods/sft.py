@@ -22,9 +22,10 @@ import torch
 from pydantic import Field, model_validator
 
 from fisherdist.commands import config_command
-from fisherdist.config import DataFile, Section
+from fisherdist.config import DataFile, DataKeys
 from fisherdist.data.jsonl import encode, read_records, special_prefix, split_encode
 from fisherdist.distributed.collectives import all_reduce_sum
+from fisherdist.metrics import MetricsLogger
 from fisherdist.models.peft_utils import LoraSettings
 from fisherdist.recipes.cli import run_stages
 from fisherdist.recipes.config import RunConfig
@@ -38,7 +39,7 @@ Prompted = tuple[list[int], list[int]]
 """One record as token ids: (special prefix + prompt, response)."""
 
 
-class SftData(Section):
+class SftData(DataKeys):
     train: DataFile = Field(description="JSON Lines records {prompt, response} (or {text} for pretraining)")
     prompt_field: str | None = Field("prompt", description="null: no prompt, every token of the text is scored")
     response_field: str = "response"
@@ -111,13 +112,14 @@ def records_fingerprint(records: Sequence[Prompted]) -> str:
 
 def run_sft(wrapped: Any, records: Sequence[Prompted], settings: SftTrain, pad_id: int, *,
             checkpoint_dir: str | Path | None = None, hooks: Sequence[TrainHook] = (), name: str = "train",
-            progress: bool = True) -> list[dict[str, Any]]:
+            progress: bool = True, metrics: MetricsLogger | None = None) -> list[dict[str, Any]]:
     """SFT of ``wrapped`` (any backend, its optimizer) on ``records`` (:func:`load_prompted`): the per-step
     log, identical on every rank. ``hooks`` add loss terms / metrics (see :class:`TrainHook`); with a
-    ``checkpoint_dir`` the run checkpoints, resumes and handles preemption (exit 75) like every stage."""
+    ``checkpoint_dir`` the run checkpoints, resumes and handles preemption (exit 75) like every stage;
+    ``metrics`` gets one row per step."""
     objective = SftObjective(wrapped, records, settings.max_length, pad_id)
     trainer = Trainer(wrapped, len(records), settings, objective.loss, hooks=[objective, *hooks],
-                      checkpoint_dir=checkpoint_dir, name=name, fingerprint=records_fingerprint(records))
+                      checkpoint_dir=checkpoint_dir, name=name, fingerprint=records_fingerprint(records), metrics=metrics)
     return trainer.run(progress)
 
 
@@ -133,7 +135,7 @@ def train(r: Ctx) -> None:
     records = load_prompted(d.train, r.tokenizer, d.prompt_field, d.response_field, d.num_samples)
     opt = optimizer_factory(r.cfg.optim, t.lr, t.weight_decay, lambda: r.state["model"])
     w = training_model(r, t, opt, random_init=r.cfg.init == "random")
-    history = run_sft(w, records, t, r.pad_id, checkpoint_dir=r.out / "checkpoints" / "train")
+    history = run_sft(w, records, t, r.pad_id, checkpoint_dir=r.out / "checkpoints" / "train", metrics=r.metrics)
     r.write_json("train_log.json", history)
     path = export_trained(r, w, "merged")
     r.log(f"{r.cfg.optim.name}: nll {history[0]['nll']:.4f} -> {history[-1]['nll']:.4f} over {len(history)} steps "

@@ -1,6 +1,6 @@
 """Config bases: the keys every method run shares, so a method's schema adds only its own sections.
 
-``RunConfig``: model, dist, deepspeed, out, base_copy (with the backend checks); ``LoraRunConfig`` adds the
+``RunConfig``: model, dist, deepspeed, out, base_copy (with the backend checks), log (metrics sinks); ``LoraRunConfig`` adds the
 ``lora:`` section; ``FisherPassSettings`` is a Fisher pass over a live training model, turned into the
 engine's :class:`~fisherdist.fisher.spec.FisherSpec` for the parameters a method picks.
 """
@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from fisherdist.config import DistConfig, ModelConfig, Section, check_model_backend
 from fisherdist.fisher.spec import Estimator, FisherSpec, Granularity
+from fisherdist.metrics import LogSettings
 from fisherdist.models.peft_utils import LoraSettings
 
 
@@ -25,6 +26,8 @@ class RunConfig(Section):
     out: str = Field(description="output directory of every stage")
     base_copy: Literal["copy", "link"] = Field(
         "copy", description="models/base: a full HF copy of the base, or a symlink to model.path (real scale)")
+    log: LogSettings = Field(default_factory=LogSettings, description="per-step scalars: out/metrics.jsonl always, "
+                             "TensorBoard and W&B when asked")
 
     @model_validator(mode="after")
     def _backend_fits(self) -> RunConfig:

@@ -16,18 +16,23 @@ from fisherdist.data.batches import rank_batches
 from fisherdist.distributed.collectives import rank_world
 from fisherdist.fisher import FisherAccumulator, estimate_fisher
 from fisherdist.fisher.checkpoint import load_fisher, save_fisher
+from fisherdist.metrics import MetricsLogger, fisher_scalars
 from fisherdist.recipes.config import FisherPassSettings
 
 
 def run_pass(wrapped: Any, tokens: list[list[int]], settings: FisherPassSettings, params: list[str], pad_id: int,
-             progress: bool = True) -> FisherAccumulator:
+             progress: bool = True, metrics: MetricsLogger | None = None, stage: str = "fisher") -> FisherAccumulator:
     """One pass over ``tokens`` for the parameters matching ``params`` (every rank gets the same number of
-    micro-batches); the caller closes the returned accumulator."""
+    micro-batches); the caller closes the returned accumulator. With ``metrics``, the pass's trace and max
+    per target group go in one row (step = micro-batches per rank) tagged ``stage``."""
     rank, world = rank_world()
     batches = rank_batches([t[: settings.max_length] for t in tokens], settings.batch_size, rank, world, pad_id)
     device = next(p for p in wrapped.unwrapped.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    return estimate_fisher(wrapped, batches, settings.spec(params), progress=progress, total=len(batches))
+    acc = estimate_fisher(wrapped, batches, settings.spec(params), progress=progress, total=len(batches))
+    if metrics is not None and settings.estimator != "kfac":
+        metrics.log(len(batches), fisher_scalars(acc), stage)
+    return acc
 
 
 def pass_settings(settings: FisherPassSettings, params: list[str]) -> dict[str, Any]:
@@ -43,12 +48,13 @@ def tokens_hash(tokens: list[list[int]]) -> str:
 
 
 def run_passes(wrapped: Any, named_tokens: dict[str, list[list[int]]], settings: FisherPassSettings, params: list[str],
-               pad_id: int, out: Path | None, progress: bool = True) -> dict[str, FisherAccumulator]:
-    """One :func:`run_pass` per named token set, each saved to ``out/fisher_<name>`` (DCP) when ``out`` is
-    given; the caller closes the accumulators."""
+               pad_id: int, out: Path | None, progress: bool = True,
+               metrics: MetricsLogger | None = None) -> dict[str, FisherAccumulator]:
+    """One :func:`run_pass` per named token set (metrics stage ``fisher_<name>``), each saved to
+    ``out/fisher_<name>`` (DCP) when ``out`` is given; the caller closes the accumulators."""
     accs = {}
     for name, tokens in named_tokens.items():
-        accs[name] = run_pass(wrapped, tokens, settings, params, pad_id, progress)
+        accs[name] = run_pass(wrapped, tokens, settings, params, pad_id, progress, metrics, f"fisher_{name}")
         if out is not None:
             recorded = {**pass_settings(settings, params), "data.tokens_sha256": tokens_hash(tokens)}
             save_fisher(accs[name].state, out / f"fisher_{name}", recorded)

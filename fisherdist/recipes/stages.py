@@ -19,6 +19,7 @@ import torch
 
 from fisherdist.distributed.collectives import DTYPES, barrier
 from fisherdist.errors import FisherdistError
+from fisherdist.metrics import MetricsLogger
 from fisherdist.recipes.config import RunConfig
 
 C = TypeVar("C", bound=RunConfig)
@@ -61,6 +62,22 @@ class RunContext(Generic[C]):
             from rich.console import Console
 
             Console().print(text)
+
+    @property
+    def metrics(self) -> MetricsLogger:
+        """The run's logger (``out/metrics.jsonl`` and the ``log:`` sinks), shared by every stage of this
+        invocation; it appends, so a stage run alone or a resumed run adds to the earlier rows."""
+        if "metrics" not in self.state:
+            self.state["metrics"] = MetricsLogger(self.out, self.cfg.log, config=self.cfg.model_dump(mode="json"),
+                                                  resume=True)
+        logger: MetricsLogger = self.state["metrics"]
+        return logger
+
+    def close(self) -> None:
+        """Flush and close the metrics sinks (TensorBoard, W&B)."""
+        logger = self.state.pop("metrics", None)
+        if logger is not None:
+            logger.close()
 
     def write_json(self, name: str, value: Any) -> None:
         """``out/name`` written by rank 0."""
@@ -122,11 +139,14 @@ class StageRegistry:
     def run(self, ctx: RunContext[Any], names: Sequence[str]) -> dict[str, float]:
         """Run ``names`` (or ``run``: all) in order; rank 0 writes ``out/timings.json``."""
         timings: dict[str, float] = {}
-        for name in self.resolve(names):
-            start = time.perf_counter()
-            self._stages[name](ctx)
-            barrier()
-            timings[name] = round(time.perf_counter() - start, 1)
-            ctx.log(f"[green]done[/] {name} in {timings[name]} s")
+        try:
+            for name in self.resolve(names):
+                start = time.perf_counter()
+                self._stages[name](ctx)
+                barrier()
+                timings[name] = round(time.perf_counter() - start, 1)
+                ctx.log(f"[green]done[/] {name} in {timings[name]} s")
+        finally:
+            ctx.close()
         ctx.write_json("timings.json", timings)
         return timings

@@ -35,6 +35,7 @@ from fisherdist.distributed.preempt import PREEMPTED_EXIT, PreemptionHandler
 from fisherdist.distributed.wrap import Wrapped
 from fisherdist.errors import ConfigError
 from fisherdist.metrics import MetricsLogger
+from fisherdist.recipes.step_metrics import TokenCounter
 from fisherdist.recipes.train_config import OptimSettings
 from fisherdist.recipes.train_state import HookStates, TrainableState
 
@@ -153,7 +154,8 @@ class Trainer:
         self.ckpt = RunCheckpointer(checkpoint_dir, settings.keep_checkpoints) if checkpoint_dir is not None else None
         self.fingerprint = config_hash(settings.model_dump_json(exclude=CHECKPOINT_KEYS) + f"|{num_records}|{fingerprint}")
         self.history: list[dict[str, Any]] = []
-        self.metrics = metrics  # per-step rows to metrics.jsonl / TensorBoard / W&B (rank 0 writes)
+        self.metrics = metrics  # per-step rows (metrics.jsonl / TensorBoard / W&B): give it on every rank, rank 0 writes
+        self._tokens: TokenCounter | None = None
         self.start_step = 0
         self._base_lrs = [g["lr"] for g in wrapped.optimizer.param_groups] if wrapped.optimizer is not None else []
         self._announce_resume()
@@ -173,13 +175,15 @@ class Trainer:
                 self.w.add_full_grad(p, g)
         for h in self.hooks:
             h.after_backward(batch)
-        if self.cfg.max_grad_norm is not None:
-            self.w.clip_grad_norm(self.cfg.max_grad_norm)
+        norm = self.w.clip_grad_norm(self.cfg.max_grad_norm)
         self._set_lr(batch.step)
         self.w.step()
         row: dict[str, Any] = {}
         for h in self.hooks:
             h.after_step(batch, row)
+        grad_norm = norm if norm is not None else self.w.engine_grad_norm()
+        if grad_norm is not None:
+            row["grad_norm"] = grad_norm  # global, before clipping
         row["step"] = batch.step
         row["records"] = batch.records
         return row
@@ -195,14 +199,23 @@ class Trainer:
         """Train to the end (or resume there); returns the per-step log, identical on every rank.
         Raises :class:`TrainingPreempted` after checkpointing on SIGUSR1 / SIGTERM."""
         self._maybe_resume()
+        self._tokens = TokenCounter(self.w.unwrapped) if self.metrics is not None else None
+        try:
+            self._loop(progress)
+        finally:
+            if self._tokens is not None:
+                self._tokens.close()
+        self._finish()
+        return self.history
+
+    def _loop(self, progress: bool) -> None:
         last_save = time.monotonic()
         with PreemptionHandler() as pre, _progress_bar(self.name, progress and is_main()) as bar:
             task = bar.add_task(self.name, total=self.plan.total_steps, completed=self.start_step, info="")
             for batch in self.plan.steps(self.start_step, self.rank, self.world):
                 row = self.step(batch)
                 self.history.append(row)
-                if self.metrics is not None:
-                    self.metrics.log_step(batch.step, row, self.w.optimizer, samples=batch.n_real)
+                self._log(batch, row)
                 if batch.step % self.cfg.log_every == 0 or batch.step == self.plan.total_steps:
                     bar.update(task, completed=batch.step, info=_describe(row))
                 stop, due = self._decide(pre, last_save, batch.step)
@@ -211,8 +224,13 @@ class Trainer:
                     last_save = time.monotonic()
                 if stop and batch.step < self.plan.total_steps:
                     raise TrainingPreempted(batch.step, pre.exit_code())
-        self._finish()
-        return self.history
+
+    def _log(self, batch: StepBatch, row: dict[str, Any]) -> None:
+        """Collective when metrics are on (the token count is reduced): the row, lr and throughput."""
+        if self.metrics is None or self._tokens is None:
+            return
+        tokens = self._tokens.take(any(i >= 0 for i in batch.mine))
+        self.metrics.log_step(batch.step, row, self.w.optimizer, samples=batch.n_real, tokens=tokens, stage=self.name)
 
     def _decide(self, pre: PreemptionHandler, last_save: float, step: int) -> tuple[bool, bool]:
         """Collective (one tiny all-reduce per step): (stop now, a checkpoint is due), the same on all ranks."""

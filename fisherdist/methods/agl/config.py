@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from fisherdist.config import DataFile, Section
+from fisherdist.config import DataFile, DataKeys, Section
 from fisherdist.methods.agl.penalty import AglWeights
 from fisherdist.recipes.config import LoraRunConfig
 from fisherdist.recipes.train_config import OptimSettings
@@ -18,7 +18,7 @@ share of output rows and the backend's gradient average sums the shares (sharded
 """The three fine-tunings ``run`` compares, on the same data and step budget."""
 
 
-class AglData(Section):
+class AglData(DataKeys):
     """Input files (JSON Lines); ``@world/...`` points into the shipped tiny world."""
 
     train: DataFile = Field(description="fine-tuning records {prompt, response} (the drift set)")

@@ -46,7 +46,7 @@ def train_arm(r: stages.Ctx, arm: str) -> list[tuple[int, float]]:
                      seed=t.seed, **r.cfg.backend_options(t.batch_size, t.max_grad_norm))
     pairs = stages.train_pairs(r)
     loss = SftStepLoss(w, pairs, r.pad_id, t.max_length)
-    trainer = Trainer(w, len(pairs), t, loss, hooks=[], checkpoint_dir=r.out / "checkpoints" / arm, name=arm)
+    trainer = Trainer(w, len(pairs), t, loss, hooks=[], checkpoint_dir=r.out / "checkpoints" / arm, name=arm, metrics=r.metrics)
     curve = ForgettingCurve(w.module, r.tokenizer, stages.eval_data(r), t.curve_every, trainer.plan.total_steps)
     trainer.hooks = [*_penalty(r, arm, w.unwrapped), loss, curve]
     history = trainer.run(progress=False)

@@ -40,7 +40,7 @@ def fisher(r: Ctx) -> None:
     tokens = tokenize(load_texts(r.cfg.data.calibration, r.cfg.data.text_field, fs.samples), r.tokenizer, fs.max_length)
     w = load_wrapped(m.path, r.dtype, r.cfg.dist.backend, r.env.device, load=m.load,
                      **r.cfg.backend_options(fs.batch_size, None))
-    acc = run_pass(w, tokens, fs, [t.name for t in targets], r.pad_id)
+    acc = run_pass(w, tokens, fs, [t.name for t in targets], r.pad_id, metrics=r.metrics)
     owner = owners(targets, r.world)
     save_parts(r.out / "fisher", reduce_to_owners(acc, targets, owner), owner)
     acc.close()

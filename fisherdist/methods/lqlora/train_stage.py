@@ -122,7 +122,7 @@ def train(r: Ctx) -> None:
     tokens, metric, t = _train_tokens(r), NllMetric(), r.cfg.train
     fingerprint = hashlib.sha256(repr(tokens).encode()).hexdigest()[:16]
     trainer = Trainer(w, len(tokens), t, lambda b: lm_loss(w, tokens, r.pad_id, t.max_length, metric, b),
-                      hooks=[metric], checkpoint_dir=r.out / "checkpoints" / "train", name="train", fingerprint=fingerprint)
+                      hooks=[metric], checkpoint_dir=r.out / "checkpoints" / "train", name="train", fingerprint=fingerprint, metrics=r.metrics)
     history = trainer.run()
     lora = w.gather_trainable()
     if r.rank == 0:

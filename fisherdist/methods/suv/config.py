@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from fisherdist.config import DataFile, Section
+from fisherdist.config import DataFile, DataKeys
 from fisherdist.eval.memorization import MemorizationSettings
 from fisherdist.eval.utility import UtilitySettings
 from fisherdist.methods.suv.mine import MineSettings
@@ -15,7 +15,7 @@ from fisherdist.recipes.config import FisherPassSettings, LoraRunConfig
 from fisherdist.recipes.train_config import OptimSettings
 
 
-class SuvData(Section):
+class SuvData(DataKeys):
     """Input files (JSON Lines); ``@world/...`` points into the shipped tiny world."""
 
     books: DataFile = Field(description="protected passages or whole books, records {book, text}")

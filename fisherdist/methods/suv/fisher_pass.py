@@ -15,6 +15,7 @@ import torch
 from fisherdist.fisher import FisherAccumulator
 from fisherdist.methods.suv.config import FisherSettings
 from fisherdist.methods.suv.regularizer import FisherBarrier
+from fisherdist.metrics import MetricsLogger
 from fisherdist.models.peft_utils import LoraSettings, adapted_modules, base_weight_patterns
 from fisherdist.recipes import fisher_pass as recipes_pass
 
@@ -41,10 +42,11 @@ def barrier_from(wrapped: Any, accs: dict[str, FisherAccumulator], fs: FisherSet
 
 
 def compute_and_save(wrapped: Any, forbid_tokens: list[list[int]], retain_tokens: list[list[int]], fs: FisherSettings,
-                     lora: LoraSettings, pad_id: int, out: Path | None, progress: bool = True) -> FisherBarrier:
+                     lora: LoraSettings, pad_id: int, out: Path | None, progress: bool = True,
+                     metrics: MetricsLogger | None = None) -> FisherBarrier:
     """Both passes; saves ``out/fisher_{forbidden,retain}`` when ``out`` is given; returns the barrier."""
     tokens = dict(zip(PASSES, (forbid_tokens, retain_tokens)))
-    accs = recipes_pass.run_passes(wrapped, tokens, fs, base_weight_patterns(lora), pad_id, out, progress)
+    accs = recipes_pass.run_passes(wrapped, tokens, fs, base_weight_patterns(lora), pad_id, out, progress, metrics)
     return barrier_from(wrapped, accs, fs)
 
 

@@ -1,7 +1,7 @@
 """The SUV pipeline: mine -> prefs -> fisher -> train (+ export) -> eval, as stages that hand over files.
 
 Files under ``out``: ``mined.jsonl``, ``prefs.jsonl`` (stages 1-2), ``fisher_{forbidden,retain}/`` (DCP),
-``train_log.json``, ``models/{base,adapter,unlearned}/``, ``protected.jsonl``, ``report.json`` /
+``metrics.jsonl`` (one row per step, all stages), ``models/{base,adapter,unlearned}/``, ``protected.jsonl``, ``report.json`` /
 ``report.png``. Every rank runs every stage; rank 0 writes the files. ``fisher`` and ``train`` share the
 wrapped training model (and the barrier) through the context's ``state`` when they run in one process.
 """
@@ -63,7 +63,7 @@ def fisher(r: Ctx) -> None:
     retain = _retain(r, fs.max_length)
     r.log(f"[bold]fisher[/]: {len(forbid)} forbidden and {len(retain)} retain samples")
     w = training_model(r, r.cfg.train)
-    r.state["barrier"] = compute_and_save(w, forbid, retain, fs, r.cfg.lora, r.pad_id, r.out)
+    r.state["barrier"] = compute_and_save(w, forbid, retain, fs, r.cfg.lora, r.pad_id, r.out, metrics=r.metrics)
 
 
 def train(r: Ctx) -> None:
@@ -77,10 +77,10 @@ def train(r: Ctx) -> None:
         r.state["barrier"] = load_barrier(w, fs, r.cfg.lora, r.out)
     pairs = _pairs(r)
     trainer = SuvTrainer(w, pairs, _retain(r, t.max_length) if t.projection else [], t, r.pad_id,
-                         r.state.get("barrier") if fs.enabled else None, checkpoint_dir=r.out / "checkpoints" / "train")
+                         r.state.get("barrier") if fs.enabled else None, checkpoint_dir=r.out / "checkpoints" / "train",
+                         metrics=r.metrics)
     r.log(f"[bold]train[/]: {len(pairs)} preference pairs, backend {r.cfg.dist.backend} x {r.world}")
     history = trainer.run()
-    r.write_json("train_log.json", history)
     export_trained(r, w, "unlearned")
     first, last = history[0], history[-1]
     r.log(f"train: dpo {first['dpo']:.4f} -> {last['dpo']:.4f}, R_Fisher {first['fisher_reg']:.4g} -> "

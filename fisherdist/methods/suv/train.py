@@ -15,6 +15,7 @@ from fisherdist.errors import ConfigError
 from fisherdist.methods.suv.config import TrainSettings
 from fisherdist.methods.suv.projection import RetainProjector
 from fisherdist.methods.suv.regularizer import FisherBarrier
+from fisherdist.metrics import MetricsLogger
 from fisherdist.recipes.preference import PairTokens, dpo_step_loss, pairs_fingerprint
 from fisherdist.recipes.retain import CycledTexts
 from fisherdist.recipes.schedules import LambdaSchedule
@@ -62,14 +63,16 @@ class SuvTrainer(TrainHook):
     name = "suv"
 
     def __init__(self, wrapped: Wrapped, pairs: list[PairTokens], retain: list[list[int]], settings: TrainSettings,
-                 pad_id: int, barrier: FisherBarrier | None = None, checkpoint_dir: str | Path | None = None) -> None:
+                 pad_id: int, barrier: FisherBarrier | None = None, checkpoint_dir: str | Path | None = None,
+                 metrics: MetricsLogger | None = None) -> None:
         if not pairs:
             raise ConfigError("no preference pairs to train on")
         self.w, self.pairs, self.cfg, self.pad_id, self.barrier = wrapped, pairs, settings, pad_id, barrier
         self.schedule = LambdaSchedule(settings.lam, settings.lambda_schedule)
         hooks: list[TrainHook] = [RetainProjection(wrapped, retain, settings, pad_id)] if settings.projection else []
         self.trainer = Trainer(wrapped, len(pairs), settings, self._dpo, hooks=[*hooks, self],
-                               checkpoint_dir=checkpoint_dir, name="train", fingerprint=pairs_fingerprint(pairs))
+                               checkpoint_dir=checkpoint_dir, name="train", fingerprint=pairs_fingerprint(pairs),
+                               metrics=metrics)
         self._lam, self._dpo_value = 0.0, torch.zeros(())
         self._reg = torch.zeros((), dtype=torch.float64)
 

@@ -108,7 +108,7 @@ def train(r: Ctx) -> None:
     forget, retain = qa_pairs(r.tokenizer, c.data.forget), qa_pairs(r.tokenizer, c.data.retain)
     loss = UnlearnLoss(w, forget, retain, t, r.pad_id, reference)
     history = Trainer(w, len(forget), t, loss, checkpoint_dir=r.out / "checkpoints" / "train", name=f"{c.method} train",
-                      fingerprint=c.method).run()
+                      fingerprint=c.method, metrics=r.metrics).run()
     r.write_json("train_log.json", history)
     save_adapter(w.unwrapped, r.out / "models" / "adapter", r.out / "models" / "base")  # on the rewritten base
     export_base(w.unwrapped, c.model.path, r.out / "models" / "unlearned", merge=True)
