@@ -31,7 +31,8 @@ def woodbury_(g: torch.Tensor, hist: torch.Tensor, gram: torch.Tensor, hist_g: t
     """``woodbury`` written into ``g`` (1-D, contiguous)."""
     system = gram.double().clone()
     system.diagonal().add_(damping)
-    z = torch.cholesky_solve(hist_g.double().unsqueeze(-1), torch.linalg.cholesky(system)).squeeze(-1)
+    chol = torch.linalg.cholesky_ex(system).L  # lambda I + PSD with lambda > 0: positive definite
+    z = torch.cholesky_solve(hist_g.double().unsqueeze(-1), chol).squeeze(-1)
     return g.addmv_(hist.t(), z.to(g.dtype), alpha=-1.0).div_(damping)
 
 
@@ -49,8 +50,8 @@ def natural_step(low: torch.Tensor, hist: torch.Tensor, gram: torch.Tensor, slot
 
 def natural_step_(low: torch.Tensor, hist: torch.Tensor, gram: torch.Tensor, slot: int, damping: float,
                   layout: Layout, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """``natural_step`` in place on ``low`` (contiguous); ``scratch`` (at least s*d elements of ``low``'s
-    dtype) receives the widened window when the window is narrower.
+    """``natural_step`` in place on ``low`` (contiguous); ``scratch`` (``hist``'s shape in ``low``'s dtype)
+    receives the widened window when the window is narrower.
 
     As in the reference code the current gradient joins the window before the solve. A narrower window
     pairs the Gram row with the slot's rounded copy and the right-hand side with ``low`` itself.
@@ -59,8 +60,8 @@ def natural_step_(low: torch.Tensor, hist: torch.Tensor, gram: torch.Tensor, slo
     hist[slot].copy_(low)
     flat = hist.reshape(s, -1)
     if hist.dtype != low.dtype:
-        wide = scratch if scratch is not None else torch.empty(flat.shape, dtype=low.dtype, device=low.device)
-        flat = wide.view(-1)[: flat.numel()].view(flat.shape).copy_(flat)
+        wide = scratch if scratch is not None else torch.empty(hist.shape, dtype=low.dtype, device=low.device)
+        flat = wide.copy_(hist).view(s, -1)
     g = low.view(-1)
     products = flat @ g if hist.dtype == low.dtype else torch.cat([flat @ flat[slot], flat @ g])
     products = layout.reduce(products).double()
