@@ -61,9 +61,14 @@ def galore_groups(model: torch.nn.Module, rank: int) -> list[dict[str, Any]]:
 
 
 def make_optimizer(name: str, model: torch.nn.Module, rank: int) -> torch.optim.Optimizer:
+    """``adamw``, ``galore_torch``, ``galore``, ``natural``; a ``_randomized`` suffix picks GaLore 2's subspace."""
     import fisherdist.optim as ours
 
     lr = SETTINGS["galore_lr"]
+    if name.endswith("_randomized"):
+        opt = make_optimizer(name.removesuffix("_randomized"), model, rank)
+        opt.options["subspace"] = "randomized"  # type: ignore[attr-defined]
+        return opt
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=SETTINGS["adamw_lr"])
     if name == "galore_torch":
@@ -173,20 +178,59 @@ def equal_bytes_rank(reference: int) -> int:
     return max(fits)
 
 
-def targets(curves: dict[str, dict[str, Any]], adamw_bytes: int) -> dict[str, Any]:
-    """The issue's four targets, each with the numbers it is judged on."""
-    adamw, nat, eq, gal = curves["adamw"], curves["natural"], curves["natural_equal_bytes"], curves["galore"]
-    return {
+def timing(names: list[tuple[str, str, int]], reps: int, refresh_reps: int) -> dict[str, dict[str, float]]:
+    """Step times measured interleaved (one step of each optimizer in turn, so load from other jobs hits
+    all alike): median non-refresh step and median refresh step, wall and this thread's CPU time, on the
+    gradients of one real batch; the refresh cost amortised over the bench's T and the recipes' T = 200."""
+    ids = token_batches("general_train", 1, SETTINGS["batch"], SETTINGS["seq"])[0]
+    runs = {}
+    for label, name, rank in names:
+        model = build_model()
+        lm_loss(model, ids).backward()
+        runs[label] = (model, make_optimizer(name, model, rank))
+        runs[label][1].step()  # the first step allocates state and takes the first subspace
+    samples: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": [], "rwall": [], "rcpu": []} for k in runs}
+    for i in range(reps + refresh_reps):
+        refresh = i >= reps
+        for label, (_, opt) in runs.items():
+            gap = 1 if refresh else 10 ** 9
+            for group in opt.param_groups:
+                if "rank" in group:
+                    group["update_proj_gap"] = gap
+            for state in opt.state.values():  # galore-torch keeps the gap in its projector
+                if hasattr(state.get("projector"), "update_proj_gap"):
+                    state["projector"].update_proj_gap = gap
+            wall, cpu = time.perf_counter(), time.thread_time()
+            opt.step()
+            samples[label]["rwall" if refresh else "wall"].append(time.perf_counter() - wall)
+            samples[label]["rcpu" if refresh else "cpu"].append(time.thread_time() - cpu)
+    out = {}
+    for label, s in samples.items():
+        med = {k: statistics.median(v) for k, v in s.items()}
+        out[label] = {"normal_wall_s": med["wall"], "normal_cpu_s": med["cpu"], "refresh_wall_s": med["rwall"],
+                      "refresh_cpu_s": med["rcpu"]}
+    return out
+
+
+def targets(curves: dict[str, dict[str, Any]], times: dict[str, dict[str, float]], adamw_bytes: int,
+            period: int) -> dict[str, Any]:
+    """The issue's four targets, each with the numbers it is judged on (times: CPU-time medians)."""
+    nat, eq, gal = curves["natural"], curves["natural_equal_bytes"], curves["galore"]
+    base = times["adamw"]["normal_cpu_s"]
+    out: dict[str, Any] = {
         "natural_equal_bytes_beats_galore": {"natural": eq["heldout_loss"], "galore": gal["heldout_loss"],
                                              "met": eq["heldout_loss"] < gal["heldout_loss"]},
         "state_below_0.7x_adamw": {"ratio": sum(nat["state_bytes"].values()) / adamw_bytes,
                                    "met": sum(nat["state_bytes"].values()) < 0.7 * adamw_bytes},
-        "normal_step_at_most_1.3x_adamw": {"ratio": nat["times"]["normal_s"] / adamw["times"]["normal_s"],
-                                           "met": nat["times"]["normal_s"] <= 1.3 * adamw["times"]["normal_s"]},
-        "amortised_refresh_at_most_0.1x_adamw": {
-            "ratio": nat["times"]["amortised_refresh_s"] / adamw["times"]["normal_s"],
-            "met": nat["times"]["amortised_refresh_s"] <= 0.1 * adamw["times"]["normal_s"]},
     }
+    for label, t in times.items():
+        step = t["normal_cpu_s"] / base
+        for T in (period, 200):
+            amortised = (t["refresh_cpu_s"] - t["normal_cpu_s"]) / T / base
+            out.setdefault(label, {})[f"amortised_refresh_T{T}_x_adamw"] = round(amortised, 3)
+        out[label]["normal_step_x_adamw"] = round(step, 3)
+        out[label]["normal_step_met_1.3x"] = step <= 1.3
+    return out
 
 
 def plot(curves: dict[str, dict[str, Any]], out: Path) -> None:
@@ -215,19 +259,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/optimizers.json")
     parser.add_argument("--steps", type=int, default=SETTINGS["steps"])
+    parser.add_argument("--reps", type=int, default=21, help="interleaved non-refresh steps timed per optimizer")
+    parser.add_argument("--refresh-reps", type=int, default=5, help="interleaved refresh steps timed")
     args = parser.parse_args()
     torch.set_num_threads(1)
     train = token_batches("general_train", args.steps, SETTINGS["batch"], SETTINGS["seq"])
     heldout = token_batches("general_heldout", 4, SETTINGS["batch"], SETTINGS["seq"])
     eq_rank = equal_bytes_rank(SETTINGS["rank"])
-    runs = [("adamw", SETTINGS["rank"]), ("galore_torch", SETTINGS["rank"]), ("galore", SETTINGS["rank"]),
-            ("natural", SETTINGS["rank"]), ("natural_equal_bytes", eq_rank)]
+    r = SETTINGS["rank"]
+    runs = [("adamw", r), ("galore_torch", r), ("galore", r), ("natural", r), ("natural_randomized", r),
+            ("natural_equal_bytes", eq_rank)]
     curves = {label: curve(label.replace("_equal_bytes", ""), rank, train, heldout) for label, rank in runs}
+    timed = [(label, label.replace("_equal_bytes", ""), rank) for label, rank in runs] + \
+        [("galore_randomized", "galore_randomized", r), ("natural_equal_bytes_randomized", "natural_randomized", eq_rank)]
+    times = timing(timed, args.reps, args.refresh_reps)
     ranks2 = run_distributed(ranked, 2, 10, 21, timeout=1800)
     adamw_bytes = sum(curves["adamw"]["state_bytes"].values())
     report = {"settings": SETTINGS, "steps": args.steps, "machine": "2-core CPU, 1 thread per process",
-              "date": time.strftime("%Y-%m-%d"), "curves": curves, "two_ranks": ranks2,
-              "targets": targets(curves, adamw_bytes)}
+              "date": time.strftime("%Y-%m-%d"), "curves": curves, "times": times, "two_ranks": ranks2,
+              "targets": targets(curves, times, adamw_bytes, SETTINGS["gap"])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -183,7 +183,8 @@ def test_pretrain_command_from_random_weights(tmp_path: Path) -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    args = ["data.num_samples=8", "train.batch_size=4", "train.max_length=24", "optim.rank=8", "model.dtype=float64"]
+    args = ["data.num_samples=8", "train.batch_size=4", "train.max_length=24", "optim.rank=8", "model.dtype=float64",
+            "data.pack=false"]  # one record a sample (tests/test_data_packing.py covers packing)
     assert cli.main(["pretrain", str(REPO / "configs" / "pretrain" / "tiny.yaml"), f"out={tmp_path}", *args]) == 0
     log = json.loads((tmp_path / "train_log.json").read_text())
     path = default_world_dir() / "model"

@@ -44,6 +44,22 @@ class SftData(DataKeys):
     prompt_field: str | None = Field("prompt", description="null: no prompt, every token of the text is scored")
     response_field: str = "response"
     num_samples: int | None = Field(None, gt=0, description="first N records (default: all)")
+    pack: bool = Field(False, description="pack documents into max_length sequences (plain text only)")
+
+    @model_validator(mode="after")
+    def _pack_plain(self) -> SftData:
+        if self.pack and self.prompt_field is not None:
+            raise ValueError(f"data.pack: true packs plain text; expected data.prompt_field: null, "
+                             f"got {self.prompt_field!r}")
+        return self
+
+
+class PretrainData(SftData):
+    """``fisherdist pretrain``'s data: packed by default (fisherdist.data.packing)."""
+
+    prompt_field: str | None = Field(None, description="null: every token of the text is scored")
+    response_field: str = "text"
+    pack: bool = Field(True, description="pack documents into max_length sequences (EOS-separated)")
 
 
 class SftTrain(OptimSettings):
@@ -71,6 +87,12 @@ class SftConfig(RunConfig):
         return self
 
 
+class PretrainConfig(SftConfig):
+    """``fisherdist pretrain``: SftConfig with packed plain-text data by default."""
+
+    data: PretrainData
+
+
 def load_prompted(path: DataFile, tokenizer: Any, prompt_field: str | None, response_field: str,
                   num_samples: int | None = None) -> list[Prompted]:
     """Records -> (special prefix + prompt ids, response ids); without a prompt field, the text is the response."""
@@ -80,6 +102,17 @@ def load_prompted(path: DataFile, tokenizer: Any, prompt_field: str | None, resp
     if prompt_field is None:
         return [(list(lead), encode(tokenizer, x[response_field])) for x in rows]
     return [(lead + p, c) for p, c in (split_encode(tokenizer, x[prompt_field], x[response_field]) for x in rows)]
+
+
+def load_training_records(d: SftData, tokenizer: Any, max_length: int) -> list[Prompted]:
+    """:func:`load_prompted`, or with ``d.pack`` the documents packed into ``max_length`` sequences, each
+    one record scored on every token."""
+    if not d.pack:
+        return load_prompted(d.train, tokenizer, d.prompt_field, d.response_field, d.num_samples)
+    from fisherdist.data.packing import pack_texts
+
+    rows = read_records(d.train, [d.response_field])[: d.num_samples]
+    return [([], seq) for seq in pack_texts((x[d.response_field] for x in rows), tokenizer, max_length)]
 
 
 class SftObjective(TrainHook):
@@ -132,14 +165,14 @@ def train(r: Ctx) -> None:
     from fisherdist.recipes.optimizers import optimizer_factory
 
     t, d = r.cfg.train, r.cfg.data
-    records = load_prompted(d.train, r.tokenizer, d.prompt_field, d.response_field, d.num_samples)
+    records = load_training_records(d, r.tokenizer, t.max_length)
     opt = optimizer_factory(r.cfg.optim, t.lr, t.weight_decay, lambda: r.state["model"])
     w = training_model(r, t, opt, random_init=r.cfg.init == "random")
     history = run_sft(w, records, t, r.pad_id, checkpoint_dir=r.out / "checkpoints" / "train", metrics=r.metrics)
     r.write_json("train_log.json", history)
     path = export_trained(r, w, "merged")
     r.log(f"{r.cfg.optim.name}: nll {history[0]['nll']:.4f} -> {history[-1]['nll']:.4f} over {len(history)} steps "
-          f"({len(records)} records) -> {path}")
+          f"({len(records)} {'packed sequences' if d.pack else 'records'}) -> {path}")
 
 
 STAGES = StageRegistry("sft", [("train", train)])
@@ -150,5 +183,6 @@ COMMANDS = {"sft": "SFT LoRA baseline (configs/sft/tiny.yaml)",
 
 def register(sub: argparse._SubParsersAction) -> None:
     for name, text in COMMANDS.items():
-        config_command(sub, name, SftConfig, partial(run_stages, STAGES, [ALL]), help=text,
+        schema = PretrainConfig if name == "pretrain" else SftConfig
+        config_command(sub, name, schema, partial(run_stages, STAGES, [ALL]), help=text,
                        config_help=f"YAML config (see configs/{name}/)", example="train.epochs=2 dist.nproc=2")

@@ -8,13 +8,12 @@ applied after the step). Natural GaLore adds ``history`` (window s, 0 = GaLore) 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from fisherdist.optim import natural, owners, subspace
+from fisherdist.optim import adam, natural, owners, subspace
 from fisherdist.optim.layout import Layout, local
 from fisherdist.optim.state import StateParts, init_state, state_bytes
 from fisherdist.optim.validate import check_group, check_options, resolve_owner_mode
@@ -45,6 +44,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.layerwise = layerwise
         self._grams: dict[int, torch.Tensor] = {}
+        self._scratch: dict[tuple[Any, ...], torch.Tensor] = {}
         super().__init__(params, defaults)
         for group in self.param_groups:
             check_group(group)
@@ -66,7 +66,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def _layerwise_hook(self, param: torch.Tensor) -> None:
         """Step this parameter as soon as its gradient is final, then free the gradient."""
         with torch.no_grad():
-            self._update(param, self._group_of(param))
+            self._step_params([param], self._group_of(param))
         param.grad = None
 
     @torch.no_grad()
@@ -82,84 +82,83 @@ class GaLoreAdamW(torch.optim.Optimizer):
             grads = [p for p in self._params() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and self._owns(p):
-                    self._update(p, group)
+            self._step_params([p for p in group["params"] if p.grad is not None and self._owns(p)], group)
         if self._owner is not None:
             owners.exchange(list(self._params()), self._owner, self._me, self._world)
         return loss
 
-    def _update(self, param: torch.Tensor, group: dict[str, Any]) -> None:
-        """AdamW on the full gradient, or on its (natural) low-rank projection when the group has a rank."""
-        if param.grad is None:
+    def _step_params(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+        """AdamW on the full gradients, or on their (natural) low-rank projections when the group has a
+        rank, for all of ``params`` (one group) together."""
+        if not params:
             return
-        grad, layout = local(param.grad), Layout.of(param)
-        state = self.state[param]
-        if not state:
-            init_state(state, param, group, self.options["history_dtype"])
-        step = int(state["step"])
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not state:
+                init_state(state, p, group, self.options["history_dtype"])
+        torch._foreach_add_([state["step"] for state in states], 1.0)
+        steps = [int(state["step"]) for state in states]  # the step being taken, from 1
+        targets, grads = [local(p) for p in params], [local(p.grad) for p in params]  # type: ignore[arg-type]
+        local_states = [{**state, "exp_avg": local(state["exp_avg"]), "exp_avg_sq": local(state["exp_avg_sq"])}
+                        for state in states]
         if "rank" in group:
-            update = self._low_rank_update(param, grad, group, state, layout, step)
+            self._low_rank_step(params, grads, group, local_states, steps)
         else:
-            update = self._adam(grad, group, state)
-        state["step"] += 1
-        target = local(param)
-        scale = float(group.get("scale", 1.0)) if "rank" in group else 1.0  # folded in: no full-size pass
-        target.add_(update, alpha=-self._step_size(group, step + 1) * scale)
-        if group["weight_decay"] > 0.0:
-            target.add_(target, alpha=-group["lr"] * group["weight_decay"])
+            adam.apply(targets, grads, local_states, group, steps)
+        adam.decay(targets, group)
 
-    @staticmethod
-    def _step_size(group: dict[str, Any], step: int) -> float:
-        beta1, beta2 = group["betas"]
-        if not group["correct_bias"]:
-            return float(group["lr"])
-        beta1, beta2 = float(beta1), float(beta2)
-        return float(group["lr"]) * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
-
-    @staticmethod
-    def _adam(grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> torch.Tensor:
-        """galore-torch's moment update; returns m / (sqrt(v) + eps) (the step size is applied by the caller)."""
-        exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
-        beta1, beta2 = group["betas"]
-        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        return exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
-
-    def _low_rank_update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any],
-                         state: dict[str, Any], layout: Layout, step: int) -> torch.Tensor:
-        """Project (refreshing the projector every ``update_proj_gap`` steps), precondition, Adam, project back
-        (unscaled: the caller folds ``scale`` into the step size)."""
-        side = subspace.side_of(group.get("proj_type", "std"), layout.shape)
-        proj = local(state["projector"])
+    def _low_rank_step(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict[str, Any],
+                       states: list[dict[str, Any]], steps: list[int]) -> None:
+        """Per matrix: project (refreshing the projector every ``update_proj_gap`` steps), precondition, Adam
+        into a zeroed buffer (which then holds -step size * m / (sqrt(v) + eps)), and add that, projected
+        back, to the weight with one ``addmm_`` (``scale`` as alpha). Temporaries live in reused buffers."""
         gap = int(group.get("update_proj_gap", 200))
-        if step % gap == 0:
-            seed = hash((self.options["seed"], self._index[id(param)], step)) & (2 ** 62 - 1)
-            sketch = (int(self.options["oversample"]), int(self.options["power_iters"]), seed)
-            proj.copy_(subspace.refresh(grad, layout, side, int(group["rank"]), str(self.options["subspace"]),
-                                        sketch))
-            if self.options["reset_history"] and "history" in state:
-                local(state["history"]).zero_()
-                self._grams.pop(id(param), None)
-        low = subspace.project(grad, proj, side, layout)
-        if side == "left" and layout.sharded:
-            start, end = layout.columns(low.shape[-1])
-            low = low[:, start:end]
-        if "history" in state:
-            low = self._natural(param, low, group, state, layout, step, gap)
-        update = self._adam(low, group, state)
-        if side == "left":
-            update = layout.gather_columns(update, layout.shape[1])
-        return subspace.project_back(update, proj, side)
+        for p, grad, state, step in zip(params, grads, states, steps):
+            layout = Layout.of(p)
+            side = subspace.side_of(group.get("proj_type", "std"), layout.shape)
+            if (step - 1) % gap == 0:
+                self._refresh(p, grad, group, self.state[p], layout, side, step - 1)
+            proj = local(state["projector"])
+            shape = (grad.shape[0], proj.shape[0]) if side == "right" else (proj.shape[1], grad.shape[1])
+            low = subspace.project(grad, proj, side, layout, self._buffer("low", shape, grad))
+            if side == "left" and layout.sharded:
+                start, end = layout.columns(low.shape[-1])
+                low = low[:, start:end].contiguous()
+            if "history" in state:
+                low = self._natural(p, low, group, state, layout, step - 1, gap)
+            update = self._buffer("update", low.shape, low).zero_()
+            adam.apply([update], [low], [state], group, [step])
+            if side == "left":
+                update = layout.gather_columns(update, layout.shape[1])
+            subspace.add_back(local(p), update, proj, side, float(group.get("scale", 1.0)))
+
+    def _buffer(self, kind: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A scratch tensor reused across matrices and steps (not state: never checkpointed)."""
+        key = (kind, tuple(shape), like.dtype, like.device)
+        if key not in self._scratch:
+            self._scratch[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return self._scratch[key]
+
+    def _refresh(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any],
+                 layout: Layout, side: str, step: int) -> None:
+        """A new projector from this gradient; the window (and its Gram cache) restart empty."""
+        seed = hash((self.options["seed"], self._index[id(param)], step)) & (2 ** 62 - 1)
+        sketch = (int(self.options["oversample"]), int(self.options["power_iters"]), seed)
+        local(state["projector"]).copy_(subspace.refresh(grad, layout, side, int(group["rank"]),
+                                                         str(self.options["subspace"]), sketch))
+        if self.options["reset_history"] and "history" in state:
+            local(state["history"]).zero_()
+            self._grams.pop(id(param), None)
 
     def _natural(self, param: torch.Tensor, low: torch.Tensor, group: dict[str, Any], state: dict[str, Any],
                  layout: Layout, step: int, gap: int) -> torch.Tensor:
         hist = local(state["history"])
-        gram = self._grams.get(id(param))
-        if gram is None:
-            gram = self._grams[id(param)] = natural.gram_of(hist, layout, low.dtype)
-        since = step % gap if self.options["reset_history"] else step
-        return natural.natural_step(low, hist, gram, since % hist.shape[0], float(group["damping"]), layout)
+        if id(param) not in self._grams:
+            self._grams[id(param)] = natural.gram_of(hist, layout, low.dtype)
+        slot = (step % gap if self.options["reset_history"] else step) % hist.shape[0]
+        scratch = self._buffer("window", hist.shape, low) if hist.dtype != low.dtype else None
+        return natural.natural_step_(low, hist, self._grams[id(param)], slot, float(group["damping"]), layout,
+                                     scratch)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch casts floating state to the parameter dtype on load: put the history back in its own dtype."""

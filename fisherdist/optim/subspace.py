@@ -33,16 +33,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def project(grad: torch.Tensor, proj: torch.Tensor, side: str, layout: Layout) -> torch.Tensor:
-    """The low-rank gradient of this rank's rows: G P^T (local rows), or P^T G summed over shards."""
-    if side == "right":
-        return grad @ proj.t()
-    return layout.reduce(proj.t() @ grad)
+def project(grad: torch.Tensor, proj: torch.Tensor, side: str, layout: Layout,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """The low-rank gradient of this rank's rows: G P^T (local rows), or P^T G summed over shards; into
+    ``out`` when given (a reused buffer of the result's shape)."""
+    a, b = (grad, proj.t()) if side == "right" else (proj.t(), grad)
+    low = a @ b if out is None else torch.mm(a, b, out=out)
+    return low if side == "right" else layout.reduce(low)
 
 
-def project_back(update: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
-    """This rank's rows of the full-size update (``update`` whole for ``left``, local rows for ``right``)."""
-    return update @ proj if side == "right" else proj @ update
+def add_back(target: torch.Tensor, update: torch.Tensor, proj: torch.Tensor, side: str, alpha: float) -> None:
+    """target += alpha * (this rank's rows of the projected-back update), in place with no full-size
+    temporary (``update`` whole for ``left``, local rows for ``right``)."""
+    a, b = (update, proj) if side == "right" else (proj, update)
+    target.addmm_(a.to(target.dtype), b.to(target.dtype), alpha=alpha)
 
 
 def refresh(grad: torch.Tensor, layout: Layout, side: str, rank: int, subspace: str,
