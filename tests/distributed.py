@@ -18,6 +18,7 @@ import queue as queue_module
 import socket
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -31,6 +32,7 @@ def free_port() -> int:
 
 
 _context: Any = None
+_REPO = Path(__file__).resolve().parent.parent
 
 
 def _noop() -> None:
@@ -38,23 +40,26 @@ def _noop() -> None:
 
 
 def _forkserver() -> Any:
-    """The shared context; its server starts on first use, with DeepSpeed's accelerator fixed to the CPU (as
-    every test sets it) so a GPU on the machine cannot change what the preloaded deepspeed chose."""
+    """The shared context. Its server starts on first use with DeepSpeed's accelerator fixed to the CPU (as
+    every test sets it: a GPU on the machine cannot change what the preloaded deepspeed chose) and this
+    checkout on PYTHONPATH (Python 3.11's forkserver ignores the caller's sys.path)."""
     global _context
     if _context is None:
         _context = mp.get_context("forkserver")
         _context.set_forkserver_preload(["tests._rank_preload"])
-        previous = os.environ.get("DS_ACCELERATOR")
+        saved = {k: os.environ.get(k) for k in ("DS_ACCELERATOR", "PYTHONPATH")}
         os.environ["DS_ACCELERATOR"] = "cpu"
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), saved["PYTHONPATH"]]))
         try:
             warm = _context.Process(target=_noop, daemon=True)
             warm.start()  # waits for the server's imports, so they never count against a test's timeout
             warm.join()
         finally:
-            if previous is None:
-                os.environ.pop("DS_ACCELERATOR")
-            else:
-                os.environ["DS_ACCELERATOR"] = previous
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key)
+                else:
+                    os.environ[key] = value
     return _context
 
 
