@@ -76,21 +76,36 @@ def nf4_bnb(w: torch.Tensor) -> torch.Tensor:
     return bnbf.dequantize_4bit(packed, state)
 
 
-def evaluate(model: Any, tokenizer: Any, weights: dict[str, torch.Tensor], approx: dict[str, torch.Tensor],
-             fisher: dict[str, torch.Tensor], heldout: list[str]) -> dict[str, float]:
-    """Relative Fisher-weighted error and held-out perplexity with ``approx`` substituted."""
+def text_nlls(model: Any, tokenizer: Any, heldout: list[str]) -> torch.Tensor:
+    """[texts, 2]: summed NLL and scored tokens of each held-out text (their ratio of sums is the perplexity's)."""
     from fisherdist.eval.utility import perplexity
 
+    rows = [perplexity(model, tokenizer, [t]) for t in heldout]
+    return torch.tensor([[r["nll"] * r["tokens"], r["tokens"]] for r in rows], dtype=torch.float64)
+
+
+def paired_ci(a: torch.Tensor, b: torch.Tensor, draws: int = 4000) -> list[float]:
+    """95% bootstrap interval (resampling texts, paired) of perplexity(a) - perplexity(b), both [texts, 2]."""
+    idx = torch.randint(0, len(a), (draws, len(a)), generator=torch.Generator().manual_seed(0))
+    ppl = lambda x: (x[idx, 0].sum(1) / x[idx, 1].sum(1)).exp()  # noqa: E731
+    diff = ppl(a) - ppl(b)
+    return [float(diff.quantile(0.025)), float(diff.quantile(0.975))]
+
+
+def evaluate(model: Any, tokenizer: Any, weights: dict[str, torch.Tensor], approx: dict[str, torch.Tensor],
+             fisher: dict[str, torch.Tensor], heldout: list[str]) -> tuple[dict[str, float], torch.Tensor]:
+    """Relative Fisher-weighted error and held-out perplexity with ``approx`` substituted (+ per-text NLLs)."""
     num = sum(float((fisher[n] * (weights[n] - approx[n]) ** 2).sum()) for n in weights)
     den = sum(float((fisher[n] * weights[n] ** 2).sum()) for n in weights)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n in weights:
             params[n].copy_(approx[n])
-        ppl = perplexity(model, tokenizer, heldout)["perplexity"]
+        per_text = text_nlls(model, tokenizer, heldout)
         for n in weights:
             params[n].copy_(weights[n])
-    return {"fisher_weighted_rel_error": num / den, "heldout_perplexity": ppl}
+    ppl = float((per_text[:, 0].sum() / per_text[:, 1].sum()).exp())
+    return {"fisher_weighted_rel_error": num / den, "heldout_perplexity": ppl}, per_text
 
 
 def lq_rows(results: dict[str, dict[str, LQResult]], weights: dict[str, torch.Tensor], rank: int,
