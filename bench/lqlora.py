@@ -125,12 +125,11 @@ def lq_rows(results: dict[str, dict[str, LQResult]], weights: dict[str, torch.Te
 
 def finetune_perplexity(tokenizer: Any, weights: dict[str, torch.Tensor], dense: dict[str, torch.Tensor],
                         chosen: dict[str, LQResult] | None, texts: list[list[int]], heldout: list[str],
-                        args: argparse.Namespace) -> float:
+                        args: argparse.Namespace) -> torch.Tensor:
     """Held-out perplexity after ``args.steps`` LoRA steps (rank ``args.rank``, all 7 projections) on the shared
     trainer. LQ-LoRA: packed-Q layers, adapter = L1, L2 (the recipe's own code). QLoRA: the dequantized NF4
     weights frozen (bitsandbytes' forward computes exactly these), adapter from PEFT's init (B = 0)."""
     from fisherdist.distributed.wrap import wrap_model
-    from fisherdist.eval.utility import perplexity
     from fisherdist.methods.lqlora.train_stage import NllMetric, lm_loss, lqlora_factors, quantized_lora
     from fisherdist.models.load import load_model
     from fisherdist.models.peft_utils import LoraSettings, apply_lora
@@ -155,7 +154,7 @@ def finetune_perplexity(tokenizer: Any, weights: dict[str, torch.Tensor], dense:
     metric, pad = NllMetric(), tokenizer.pad_token_id or 0
     Trainer(w, len(texts), settings, lambda b: lm_loss(w, texts, pad, 128, metric, b), hooks=[metric]).run(progress=False)
     model.eval()
-    return float(perplexity(model, tokenizer, heldout)["perplexity"])
+    return text_nlls(model, tokenizer, heldout)
 
 
 def tiny_world(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -179,16 +178,21 @@ def tiny_world(args: argparse.Namespace) -> list[dict[str, Any]]:
     nf4 = {n: nf4_bnb(w) for n, w in weights.items()}
     rows = [("NF4 (bitsandbytes, QLoRA)", 4.127, 4.127, nf4, None)]
     rows += lq_rows(weighted, weights, args.rank, "LQ-LoRA Fisher") + lq_rows(agnostic, weights, args.rank, "LQ-LoRA")
-    base = evaluate(model, tokenizer, weights, weights, fisher, heldout)["heldout_perplexity"]
+    base = evaluate(model, tokenizer, weights, weights, fisher, heldout)[0]["heldout_perplexity"]
     out = [{"method": "16-bit model", "bits_per_param": 16.0, "bits_with_lowrank": 16.0,
             "fisher_weighted_rel_error": 0.0, "heldout_perplexity": base}]
+    ref: dict[str, torch.Tensor] = {}  # NF4's per-text NLLs, at init and fine-tuned: the paired intervals' reference
     for label, bits, with_lr, approx, chosen in rows:
-        out.append({"method": label, "bits_per_param": bits, "bits_with_lowrank": with_lr,
-                    **evaluate(model, tokenizer, weights, approx, fisher, heldout)})
+        metrics, per_text = evaluate(model, tokenizer, weights, approx, fisher, heldout)
+        ref.setdefault("init", per_text)
+        out.append({"method": label, "bits_per_param": bits, "bits_with_lowrank": with_lr, **metrics,
+                    "heldout_ppl_minus_nf4_ci95": paired_ci(per_text, ref["init"])})
         if args.steps and (chosen is None or float(label.split("@")[1]) in args.finetune_budgets):
             q_only = approx if chosen is None else {n: r.q.dequantize() for n, r in chosen.items()}
-            out[-1]["heldout_perplexity_finetuned"] = finetune_perplexity(tokenizer, weights, q_only, chosen, train,
-                                                                          heldout, args)
+            tuned = finetune_perplexity(tokenizer, weights, q_only, chosen, train, heldout, args)
+            ref.setdefault("tuned", tuned)
+            out[-1]["heldout_perplexity_finetuned"] = float((tuned[:, 0].sum() / tuned[:, 1].sum()).exp())
+            out[-1]["finetuned_minus_nf4_ci95"] = paired_ci(tuned, ref["tuned"])
         print(json.dumps(out[-1]), flush=True)
     return out
 
