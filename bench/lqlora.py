@@ -11,6 +11,11 @@ relative error on Gaussian matrices, in ONE run.
 3. Compared at init (no fine-tuning; QLoRA's adapters start at zero, LQ-LoRA's at L1 L2): the Fisher-weighted
    error sum ||sqrt(F) . (W - W_hat)||^2 relative to sum ||sqrt(F) . W||^2, and held-out perplexity with
    the W_hat substituted. Baseline: bitsandbytes NF4, block 64, its double-quantized scales (4.127 bits).
+   Each perplexity comes with the paired bootstrap 95% interval (texts resampled) of its difference to NF4's,
+   and, as a diagnostic (nothing is chosen with it), the held-out NLL change predicted to second order:
+   ``taylor_linear`` = g . (W_hat - W) with g the held-out NLL gradient, ``taylor_quadratic`` =
+   0.5 sum F_heldout (W_hat - W)^2 (the term a Fisher-weighted error controls), next to the measured
+   ``delta_heldout_nll``; and the correlation of the calibration Fisher with the held-out one.
    Then LoRA fine-tuning at equal rank (``--steps`` steps of 8 x 128 tokens of general_train, the shared
    trainer): QLoRA = NF4 weights frozen + PEFT's adapter (B = 0); LQ-LoRA = the recipe's packed-Q layers +
    adapter from L1, L2 (at ``--finetune-budgets``); held-out perplexity after it.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -42,16 +48,42 @@ WORLD = Path(__file__).resolve().parents[1] / "fisherdist" / "world" / "default"
 BUDGETS = [4.127, 3.5, 3.127, 2.75]
 
 
-def tiny_fisher(model: Any, tokenizer: Any, n: int, max_length: int) -> dict[str, torch.Tensor]:
+def tiny_fisher(model: Any, tokenizer: Any, n: int | None, max_length: int,
+                source: str = "general_train") -> dict[str, torch.Tensor]:
     """Dense per-sample empirical Fisher of every ``*_proj`` weight, from the engine on one process."""
     from fisherdist.data.batches import load_texts, rank_batches, tokenize
     from fisherdist.fisher import FisherSpec, estimate_fisher
 
-    texts = load_texts(WORLD / "data" / "general_train.jsonl", "text", n)
+    texts = load_texts(WORLD / "data" / f"{source}.jsonl", "text", n)
     batches = rank_batches(tokenize(texts, tokenizer, max_length), 8, 0, 1, tokenizer.pad_token_id or 0)
     spec = FisherSpec(estimator="empirical", granularity="sample", params=["model.layers.*_proj.weight"])
     acc = estimate_fisher(model, batches, spec, progress=False)
     return {fqn: acc.full_fisher(fqn).clone() for fqn in acc.targets}
+
+
+def heldout_gradient(model: Any, tokenizer: Any, heldout: list[str], names: list[str]) -> dict[str, torch.Tensor]:
+    """Gradient of the held-out token-mean NLL (the perplexity's log) w.r.t. the quantized weights: the
+    first-order term g . (W_hat - W) of the perplexity change, which no weighted error can see."""
+    from fisherdist.data.batches import tokenize
+    from fisherdist.recipes.losses import collate_prompted, label_tokens, sft_loss
+
+    rows = [t for t in tokenize(heldout, tokenizer, 128) if len(t) >= 2]
+    b = collate_prompted([[] for _ in rows], rows, tokenizer.pad_token_id or 0, 128)
+    params = dict(model.named_parameters())
+    model.zero_grad()
+    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    (sft_loss(logits, b.labels).sum() / label_tokens(b.labels).sum()).backward()
+    grad = {n: params[n].grad.detach().clone() for n in names}
+    model.zero_grad()
+    return grad
+
+
+def taylor(weights: dict[str, torch.Tensor], approx: dict[str, torch.Tensor], grad: dict[str, torch.Tensor],
+           fisher_heldout: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Held-out NLL change predicted to second order: g . delta and 0.5 delta' F_heldout delta."""
+    d = {n: approx[n] - weights[n] for n in weights}
+    return {"taylor_linear": sum(float((grad[n] * d[n]).sum()) for n in d),
+            "taylor_quadratic": 0.5 * sum(float((fisher_heldout[n] * d[n] ** 2).sum()) for n in d)}
 
 
 def decompose_all(weights: dict[str, torch.Tensor], fishers: dict[str, FisherWeights] | None, rank: int,
@@ -76,21 +108,36 @@ def nf4_bnb(w: torch.Tensor) -> torch.Tensor:
     return bnbf.dequantize_4bit(packed, state)
 
 
-def evaluate(model: Any, tokenizer: Any, weights: dict[str, torch.Tensor], approx: dict[str, torch.Tensor],
-             fisher: dict[str, torch.Tensor], heldout: list[str]) -> dict[str, float]:
-    """Relative Fisher-weighted error and held-out perplexity with ``approx`` substituted."""
+def text_nlls(model: Any, tokenizer: Any, heldout: list[str]) -> torch.Tensor:
+    """[texts, 2]: summed NLL and scored tokens of each held-out text (their ratio of sums is the perplexity's)."""
     from fisherdist.eval.utility import perplexity
 
+    rows = [perplexity(model, tokenizer, [t]) for t in heldout]
+    return torch.tensor([[r["nll"] * r["tokens"], r["tokens"]] for r in rows], dtype=torch.float64)
+
+
+def paired_ci(a: torch.Tensor, b: torch.Tensor, draws: int = 4000) -> list[float]:
+    """95% bootstrap interval (resampling texts, paired) of perplexity(a) - perplexity(b), both [texts, 2]."""
+    idx = torch.randint(0, len(a), (draws, len(a)), generator=torch.Generator().manual_seed(0))
+    ppl = lambda x: (x[idx, 0].sum(1) / x[idx, 1].sum(1)).exp()  # noqa: E731
+    diff = ppl(a) - ppl(b)
+    return [float(diff.quantile(0.025)), float(diff.quantile(0.975))]
+
+
+def evaluate(model: Any, tokenizer: Any, weights: dict[str, torch.Tensor], approx: dict[str, torch.Tensor],
+             fisher: dict[str, torch.Tensor], heldout: list[str]) -> tuple[dict[str, float], torch.Tensor]:
+    """Relative Fisher-weighted error and held-out perplexity with ``approx`` substituted (+ per-text NLLs)."""
     num = sum(float((fisher[n] * (weights[n] - approx[n]) ** 2).sum()) for n in weights)
     den = sum(float((fisher[n] * weights[n] ** 2).sum()) for n in weights)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n in weights:
             params[n].copy_(approx[n])
-        ppl = perplexity(model, tokenizer, heldout)["perplexity"]
+        per_text = text_nlls(model, tokenizer, heldout)
         for n in weights:
             params[n].copy_(weights[n])
-    return {"fisher_weighted_rel_error": num / den, "heldout_perplexity": ppl}
+    ppl = float((per_text[:, 0].sum() / per_text[:, 1].sum()).exp())
+    return {"fisher_weighted_rel_error": num / den, "heldout_perplexity": ppl}, per_text
 
 
 def lq_rows(results: dict[str, dict[str, LQResult]], weights: dict[str, torch.Tensor], rank: int,
@@ -110,12 +157,11 @@ def lq_rows(results: dict[str, dict[str, LQResult]], weights: dict[str, torch.Te
 
 def finetune_perplexity(tokenizer: Any, weights: dict[str, torch.Tensor], dense: dict[str, torch.Tensor],
                         chosen: dict[str, LQResult] | None, texts: list[list[int]], heldout: list[str],
-                        args: argparse.Namespace) -> float:
+                        args: argparse.Namespace) -> torch.Tensor:
     """Held-out perplexity after ``args.steps`` LoRA steps (rank ``args.rank``, all 7 projections) on the shared
     trainer. LQ-LoRA: packed-Q layers, adapter = L1, L2 (the recipe's own code). QLoRA: the dequantized NF4
     weights frozen (bitsandbytes' forward computes exactly these), adapter from PEFT's init (B = 0)."""
     from fisherdist.distributed.wrap import wrap_model
-    from fisherdist.eval.utility import perplexity
     from fisherdist.methods.lqlora.train_stage import NllMetric, lm_loss, lqlora_factors, quantized_lora
     from fisherdist.models.load import load_model
     from fisherdist.models.peft_utils import LoraSettings, apply_lora
@@ -140,7 +186,7 @@ def finetune_perplexity(tokenizer: Any, weights: dict[str, torch.Tensor], dense:
     metric, pad = NllMetric(), tokenizer.pad_token_id or 0
     Trainer(w, len(texts), settings, lambda b: lm_loss(w, texts, pad, 128, metric, b), hooks=[metric]).run(progress=False)
     model.eval()
-    return float(perplexity(model, tokenizer, heldout)["perplexity"])
+    return text_nlls(model, tokenizer, heldout)
 
 
 def tiny_world(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -154,6 +200,13 @@ def tiny_world(args: argparse.Namespace) -> list[dict[str, Any]]:
     params = dict(model.named_parameters())
     weights = {n: params[n].detach().clone() for n in fisher}
     heldout = load_texts(WORLD / "data" / "general_heldout.jsonl", "text")
+    # diagnostics only (nothing below is chosen with them): the held-out Fisher and gradient
+    fisher_heldout = tiny_fisher(model, tokenizer, None, 128, "general_heldout")
+    grad = heldout_gradient(model, tokenizer, heldout, list(fisher))
+    flat = [torch.cat([f[n].flatten() for n in fisher]) for f in (fisher, fisher_heldout)]
+    agreement = {"corr_fisher_calibration_vs_heldout": float(torch.corrcoef(torch.stack(flat))[0, 1]),
+                 "corr_log_fisher": float(torch.corrcoef(torch.stack([f.clamp_min(1e-30).log() for f in flat]))[0, 1])}
+    print(json.dumps(agreement), flush=True)
     train = tokenize(load_texts(WORLD / "data" / "general_train.jsonl", "text"), tokenizer, 128)
     configs = [QConfig.parse(c) for c in args.grid] if args.grid else small_grid()
     t0 = time.perf_counter()
@@ -164,16 +217,23 @@ def tiny_world(args: argparse.Namespace) -> list[dict[str, Any]]:
     nf4 = {n: nf4_bnb(w) for n, w in weights.items()}
     rows = [("NF4 (bitsandbytes, QLoRA)", 4.127, 4.127, nf4, None)]
     rows += lq_rows(weighted, weights, args.rank, "LQ-LoRA Fisher") + lq_rows(agnostic, weights, args.rank, "LQ-LoRA")
-    base = evaluate(model, tokenizer, weights, weights, fisher, heldout)["heldout_perplexity"]
+    base = evaluate(model, tokenizer, weights, weights, fisher, heldout)[0]["heldout_perplexity"]
     out = [{"method": "16-bit model", "bits_per_param": 16.0, "bits_with_lowrank": 16.0,
-            "fisher_weighted_rel_error": 0.0, "heldout_perplexity": base}]
+            "fisher_weighted_rel_error": 0.0, "heldout_perplexity": base, **agreement}]
+    ref: dict[str, torch.Tensor] = {}  # NF4's per-text NLLs, at init and fine-tuned: the paired intervals' reference
     for label, bits, with_lr, approx, chosen in rows:
-        out.append({"method": label, "bits_per_param": bits, "bits_with_lowrank": with_lr,
-                    **evaluate(model, tokenizer, weights, approx, fisher, heldout)})
+        metrics, per_text = evaluate(model, tokenizer, weights, approx, fisher, heldout)
+        ref.setdefault("init", per_text)
+        out.append({"method": label, "bits_per_param": bits, "bits_with_lowrank": with_lr, **metrics,
+                    "heldout_ppl_minus_nf4_ci95": paired_ci(per_text, ref["init"]),
+                    "delta_heldout_nll": math.log(metrics["heldout_perplexity"] / base),
+                    **taylor(weights, approx, grad, fisher_heldout)})
         if args.steps and (chosen is None or float(label.split("@")[1]) in args.finetune_budgets):
             q_only = approx if chosen is None else {n: r.q.dequantize() for n, r in chosen.items()}
-            out[-1]["heldout_perplexity_finetuned"] = finetune_perplexity(tokenizer, weights, q_only, chosen, train,
-                                                                          heldout, args)
+            tuned = finetune_perplexity(tokenizer, weights, q_only, chosen, train, heldout, args)
+            ref.setdefault("tuned", tuned)
+            out[-1]["heldout_perplexity_finetuned"] = float((tuned[:, 0].sum() / tuned[:, 1].sum()).exp())
+            out[-1]["finetuned_minus_nf4_ci95"] = paired_ci(tuned, ref["tuned"])
         print(json.dumps(out[-1]), flush=True)
     return out
 

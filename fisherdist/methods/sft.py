@@ -24,12 +24,11 @@ from pydantic import Field, model_validator
 from fisherdist.commands import config_command
 from fisherdist.config import DataFile, DataKeys
 from fisherdist.data.jsonl import encode, read_records, special_prefix, split_encode
-from fisherdist.distributed.collectives import all_reduce_sum
 from fisherdist.metrics import MetricsLogger
 from fisherdist.models.peft_utils import LoraSettings
 from fisherdist.recipes.cli import run_stages
 from fisherdist.recipes.config import RunConfig
-from fisherdist.recipes.losses import collate_prompted, label_tokens, sft_loss
+from fisherdist.recipes.losses import collate_prompted, step_mean, token_mean_share
 from fisherdist.recipes.optimizers import OptimizerSettings
 from fisherdist.recipes.stages import ALL, RunContext, StageRegistry
 from fisherdist.recipes.train_config import OptimSettings
@@ -130,13 +129,11 @@ class SftObjective(TrainHook):
         real = [i for i in batch.mine if i >= 0]
         items = [self.records[i] for i in (real or [0])]
         tb = collate_prompted([p for p, _ in items], [c for _, c in items], self.pad_id, self.max_length).to(self.device)
-        tokens = all_reduce_sum((label_tokens(tb.labels).sum() * int(bool(real))).double().reshape(1))
-        logits = self.w.module(input_ids=tb.input_ids, attention_mask=tb.attention_mask).logits
-        self.value = sft_loss(logits, tb.labels).sum() * int(bool(real)) * batch.world / tokens.to(logits.dtype)
+        self.value = token_mean_share(self.w.module, tb, bool(real), batch.world)
         return self.value
 
     def after_step(self, batch: StepBatch, row: dict[str, Any]) -> None:
-        row["nll"] = float(all_reduce_sum(self.value.detach().double().reshape(1).clone())) / batch.world
+        row["nll"] = step_mean(self.value, batch.world)
 
 
 def records_fingerprint(records: Sequence[Prompted]) -> str:

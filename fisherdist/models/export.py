@@ -3,10 +3,14 @@ trained), the adapter alone (PEFT format) and the merged model (standard HF dire
 
 Streamed (:mod:`fisherdist.models.lora_base`): every rank gathers one parameter at a time and rank 0
 writes safetensors shards as they fill, so no rank ever holds the model whole, even at 70B.
+:func:`rewrite_checkpoint` writes a HF directory with some tensors replaced (LQ-LoRA's dequantized
+Q + L1 L2), one source shard at a time.
 """
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +24,37 @@ def copy_tokenizer(src: str | Path, dst: Path) -> None:
 
     if (Path(src) / "tokenizer_config.json").is_file() or (Path(src) / "tokenizer.json").is_file():
         AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+
+
+Replace = Callable[[str, torch.Tensor], torch.Tensor]
+"""(tensor name, tensor) -> the tensor to write in its place."""
+
+
+def rewrite_checkpoint(src: str | Path, out: str | Path, replace: Replace, dtype: torch.dtype) -> Path:
+    """``out``: the HF directory ``src`` with every tensor passed through ``replace(name, tensor)`` and
+    cast to ``dtype`` (floating tensors only), one source shard at a time (same file names and index), so
+    the writer never holds the whole model; written atomically, call on one rank."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from fisherdist.models.load import model_dir
+
+    src = model_dir(src)
+    with atomic_dir(out) as tmp:
+        for file in sorted(src.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                tensors = {n: _cast(replace(n, f.get_tensor(n)), dtype) for n in f.keys()}
+            save_file(tensors, str(tmp / file.name), metadata={"format": "pt"})
+        for index in src.glob("*.safetensors.index.json"):
+            shutil.copy2(index, tmp / index.name)
+        AutoConfig.from_pretrained(src).save_pretrained(tmp)
+        copy_tokenizer(src, tmp)
+    return Path(out)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).contiguous() if t.is_floating_point() else t.contiguous()
 
 
 def save_base_copy(base_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,

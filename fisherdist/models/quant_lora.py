@@ -65,29 +65,17 @@ def read_packed_dir(folder: str | Path) -> dict[str, QuantizedTensor]:
         return read_packed(f.get_tensor, read_meta(folder)["matrices"])
 
 
-def _empty_model(folder: Path, dtype: torch.dtype) -> Any:
-    """The architecture with uninitialised weights (no random init of a large model) and real buffers."""
-    from fisherdist.models.sharded_load import build_empty
-
-    model = build_empty(folder, dtype)
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for n, b in model.named_buffers():
-            b.copy_(buffers[n])
-    return model
-
-
 def load_quantized_lora(folder: str | Path, dtype: torch.dtype = torch.float32) -> Any:
     """The PEFT model (eval mode) with packed base layers and the saved adapter."""
     from safetensors.torch import load_file
 
     from fisherdist.models.peft_utils import apply_lora
     from fisherdist.models.qlinear import quantize_base_layers
+    from fisherdist.models.sharded_load import build_empty, to_empty_keep_buffers
 
     folder = Path(folder)
     lora = read_meta(folder)["lora"]
-    model = _empty_model(folder, dtype)
+    model = to_empty_keep_buffers(build_empty(folder, dtype), "cpu")  # no random init of a large model
     missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
     packed = read_packed_dir(folder)
     if unexpected or set(missing) - set(packed):

@@ -83,14 +83,22 @@ def _local_rows(param: Any) -> tuple[torch.Tensor, int, int]:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, path: str | Path, device: torch.device | str, seed: int = 0) -> None:
-    """Allocate every local shard on ``device`` and fill it from ``path`` (after ``fully_shard``)."""
-    from safetensors import safe_open
-
+def to_empty_keep_buffers(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """``model.to_empty(device)`` with the buffers (rotary frequencies, computed at construction, never in a
+    checkpoint) kept: to_empty would leave them uninitialised too."""
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     model.to_empty(device=device)
     for n, b in model.named_buffers():
         b.copy_(buffers[n])
+    return model
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, path: str | Path, device: torch.device | str, seed: int = 0) -> None:
+    """Allocate every local shard on ``device`` and fill it from ``path`` (after ``fully_shard``)."""
+    from safetensors import safe_open
+
+    to_empty_keep_buffers(model, device)
     files = checkpoint_files(path)
     handles: dict[Path, Any] = {}
     for fqn, param in model.named_parameters():

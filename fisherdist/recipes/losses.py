@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fisherdist.distributed.collectives import all_reduce_sum
 from fisherdist.models.peft_utils import adapter_disabled
 
 IGNORE = -100
@@ -95,6 +96,20 @@ def label_tokens(labels: torch.Tensor) -> torch.Tensor:
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-row summed NLL of the continuation (prompt masked); divide by the token count for the mean."""
     return -sequence_logprobs(logits, labels)
+
+
+def token_mean_share(module: nn.Module, batch: TokenBatch, real: bool, world: int) -> torch.Tensor:
+    """This rank's share of the step's global token-mean NLL: its summed NLL x ``world`` / the step's token
+    count over all ranks, so the backend's gradient average is the gradient of the global token mean whatever
+    the world size; ``real`` False (a rank with only padding this step) gives it zero weight."""
+    tokens = all_reduce_sum((label_tokens(batch.labels).sum() * int(real)).double().reshape(1))
+    logits = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return sft_loss(logits, batch.labels).sum() * int(real) * world / tokens.to(logits.dtype)
+
+
+def step_mean(share: torch.Tensor, world: int) -> float:
+    """The step's global value of a loss whose per-rank shares sum to ``world`` times it (the logged metric)."""
+    return float(all_reduce_sum(share.detach().double().reshape(1).clone())) / world
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -1,28 +1,23 @@
 """LQ-LoRA's files: the decomposition folder (``index.json`` + ``part-*.safetensors`` by matrix name), the
 dense HF directories (dequantized Q + low-rank, before and after fine-tuning) and the measured bits.
 
-A dense directory is the base checkpoint rewritten one source shard at a time (the same file names and
-index), each decomposed matrix replaced; so the writer holds one shard, never the whole model.
+A dense directory is the base checkpoint rewritten one source shard at a time
+(:func:`fisherdist.models.export.rewrite_checkpoint`), each decomposed matrix replaced.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from fisherdist.atomic import atomic_dir
 from fisherdist.errors import FisherdistError
 from fisherdist.models.load import model_dir
 from fisherdist.models.quant import QConfig, QuantizedTensor
-
-Replace = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 class Decomposition:
@@ -55,30 +50,6 @@ class Decomposition:
         """Q + L1 L2, formed in float64 (the writer casts it to the model's dtype)."""
         l1, l2 = self.factors(name)
         return self.packed(name).dequantize(torch.float64) + l1.double() @ l2.double()
-
-
-def rewrite_checkpoint(src: str | Path, out: str | Path, replace: Replace, dtype: torch.dtype) -> Path:
-    """``out``: the HF directory ``src`` with every tensor passed through ``replace(name, tensor)`` and
-    cast to ``dtype`` (floating tensors only); written atomically, call on one rank."""
-    from transformers import AutoConfig
-
-    from fisherdist.models.export import copy_tokenizer
-
-    src = model_dir(src)
-    with atomic_dir(out) as tmp:
-        for file in sorted(src.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as f:
-                tensors = {n: _cast(replace(n, f.get_tensor(n)), dtype) for n in f.keys()}
-            save_file(tensors, str(tmp / file.name), metadata={"format": "pt"})
-        for index in src.glob("*.safetensors.index.json"):
-            shutil.copy2(index, tmp / index.name)
-        AutoConfig.from_pretrained(src).save_pretrained(tmp)
-        copy_tokenizer(src, tmp)
-    return Path(out)
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype).contiguous() if t.is_floating_point() else t.contiguous()
 
 
 def plain_tensors(src: str | Path, skip: Iterable[str]) -> dict[str, torch.Tensor]:

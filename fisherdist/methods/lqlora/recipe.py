@@ -73,8 +73,9 @@ def _plan(r: Ctx) -> dict[str, str]:
 
 def decompose(r: Ctx) -> None:
     """Cost tables, the ILP under the budget, then Q + L1 L2 per matrix -> ``decomposition/``, ``models/decomposed/``."""
-    from fisherdist.methods.lqlora.export import Decomposition, rewrite_checkpoint
+    from fisherdist.methods.lqlora.export import Decomposition
     from fisherdist.methods.lqlora.stage import decompose_plan
+    from fisherdist.models.export import rewrite_checkpoint
 
     d, m = r.cfg.decompose, r.cfg.model
     assignment = {t.name: d.qconfig for t in _targets(r)} if d.qconfig else _plan(r)

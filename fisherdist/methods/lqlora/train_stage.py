@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fisherdist.distributed.collectives import all_reduce_sum, barrier
+from fisherdist.distributed.collectives import barrier
 from fisherdist.errors import ConfigError
 from fisherdist.methods.lqlora.config import LqloraConfig
 from fisherdist.models.peft_utils import LoraSettings
 from fisherdist.models.quant import QuantizedTensor
+from fisherdist.recipes.losses import step_mean
 from fisherdist.recipes.stages import RunContext
 from fisherdist.recipes.trainer import StepBatch, Trainer, TrainHook
 
@@ -69,21 +70,18 @@ class NllMetric(TrainHook):
         self.value = torch.zeros(())
 
     def after_step(self, batch: StepBatch, row: dict[str, Any]) -> None:
-        row["nll"] = float(all_reduce_sum(self.value.detach().double().reshape(1).clone())) / batch.world
+        row["nll"] = step_mean(self.value, batch.world)
 
 
 def lm_loss(w: Any, tokens: list[list[int]], pad_id: int, max_length: int, metric: NllMetric, batch: StepBatch) -> torch.Tensor:
     """This rank's share of the step's global token-mean NLL (zero weight on a rank with only padding)."""
-    from fisherdist.recipes.losses import collate_prompted, label_tokens, sft_loss
+    from fisherdist.recipes.losses import collate_prompted, token_mean_share
 
     real = [i for i in batch.mine if i >= 0]
     rows = [tokens[i] for i in (real or [0])]
     device = next(w.unwrapped.parameters()).device
     b = collate_prompted([[] for _ in rows], rows, pad_id, max_length).to(device)
-    mine = label_tokens(b.labels).sum() * int(bool(real))
-    total = all_reduce_sum(mine.double().reshape(1))
-    logits = w.module(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-    metric.value = sft_loss(logits, b.labels).sum() * int(bool(real)) * batch.world / total.to(logits.dtype)
+    metric.value = token_mean_share(w.module, b, bool(real), batch.world)
     return metric.value
 
 
@@ -167,7 +165,8 @@ def _perplexity(r: Ctx, path: Any) -> float:
 def export(r: Ctx) -> None:
     """Dense Q + s B A -> ``models/merged/``; measured bits and held-out perplexities -> ``report.json``."""
     from fisherdist.atomic import write_text
-    from fisherdist.methods.lqlora.export import bits_report, rewrite_checkpoint
+    from fisherdist.methods.lqlora.export import bits_report
+    from fisherdist.models.export import rewrite_checkpoint
 
     models = r.out / "models"
     report: dict[str, Any] = {"rank": r.cfg.lora.r, "fisher_weighted": r.cfg.fisher.enabled,
