@@ -6,13 +6,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fisherdist.config import DataFile, Section
+from fisherdist.config import DataFile, DataKeys, Section
 from fisherdist.models.quant import QConfig
 from fisherdist.recipes.config import FisherPassSettings, LoraRunConfig
 from fisherdist.recipes.train_config import OptimSettings
 
 
-class LqData(Section):
+class LqData(DataKeys):
     """JSON Lines files of ``{text}`` records (``@world/...`` points into the shipped tiny world)."""
 
     calibration: DataFile = Field(description="text for the Fisher pass (the paper: C4 training sequences)")
