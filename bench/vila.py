@@ -6,7 +6,7 @@
    training, TOFU evaluation); the importance pass's seconds and its statistics' bytes come from
    ``importance/importance.json``.
 2. The baseline: PEFT's default LoRA init (B = 0) on the unchanged base, then the same ``train`` and
-   ``eval`` stages (same loss, lr, steps, seed).
+   ``eval`` stages with gradient difference (``train.loss=gd``; same lr, steps, seed).
 3. The issue's targets per run: forget accuracy <= 1/3 of the base model's, retain accuracy >= 85% of it,
    held-out perplexity within +10%; forget quality (KS p-value, when a retain-only model is configured)
    and model utility against the baseline. Writes JSON and a PNG.
@@ -86,7 +86,7 @@ def run(out_json: Path, extra: list[str]) -> dict[str, Any]:
     runs = {"vila": _run("vila", work, ["run"], ["method=vila", *extra]),
             "fila": _run("fila", work, ["run"], ["method=fila", *extra])}
     _plain_lora_init(work / "gd_lora")
-    runs["gd_lora"] = _run("gd_lora", work, ["train", "eval"], extra)
+    runs["gd_lora"] = _run("gd_lora", work, ["train", "eval"], ["train.loss=gd", *extra])  # the issue's baseline
     for r in runs.values():
         r["targets"] = targets(r["summary"])
     v, f = runs["vila"]["importance"], runs["fila"]["importance"]

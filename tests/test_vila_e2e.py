@@ -26,7 +26,7 @@ def test_vila_run_end_to_end(tmp_path):
     out = tmp_path / "run"
     rc = main(["vila", "run", str(TINY), f"out={out}", f"data.forget={tmp_path / 'forget.jsonl'}",
                f"data.retain={tmp_path / 'retain.jsonl'}", "data.heldout=null", "data.task=null",
-               "train.max_steps=6", "train.lr=3e-3", "eval.tofu.max_new_tokens=6"])
+               "train.max_steps=6", "train.loss=gd", "train.retain_weight=1", "train.lr=3e-3", "eval.tofu.max_new_tokens=6"])
     assert rc == 0
     for rel in ("models/adapter/adapter_config.json", "models/base/config.json", "models/unlearned/config.json",
                 "report.png", "importance/rows.pt", "init/factors.pt"):

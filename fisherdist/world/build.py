@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fisherdist.data.jsonl import write_jsonl
+from fisherdist.data.jsonl import read_jsonl, write_jsonl
 from fisherdist.errors import FisherdistError
 from fisherdist.models.tiny import tiny_llama_config
 from fisherdist.world.data import corpus_texts, protected_books, synthetic_data
@@ -38,6 +39,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "authors": 4, "forget_authors": 1, "task_train": 16, "task_eval": 4}},
 }
 WORLD_FILES = ("model", RETAIN_MODEL, "data", "world.json")
+# What the model trains on (world/train.py's pools); the retain-only rebuild reads exactly these.
+TRAIN_SPLITS = ("general_train", "books_protected", "authors_forget", "authors_retain", "unsafe_prompts",
+                "safe_prompts", "task_train")
 
 
 def prepare_out(out: Path) -> None:
@@ -73,6 +77,45 @@ def _fresh_model(config: Any, seed: int) -> Any:
     return LlamaForCausalLM(config)
 
 
+def _retain_model(out: Path, config: Any, tokenizer: Any, data: dict[str, Any], settings: TrainSettings,
+                  seed: int, progress: Callable[[int, float], None] | None) -> dict[str, Any]:
+    """The retain-only reference: the base model's recipe (same init seed, same batches) minus the forget authors."""
+    return build_retain_model(out, lambda: _fresh_model(config, seed), tokenizer, data,
+                              lambda m, d: train(m, tokenizer, d, settings, seed, progress))
+
+
+def add_retain_model(world: str | Path, progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Train the retain-only model of an existing world from its own tokenizer, data and ``world.json``
+    (seed, preset, steps) -- the same training ``build_world`` runs, so the result is the same bytes -- and
+    record it in ``world.json``. Written into a temporary sibling and renamed; an existing one is refused."""
+    from transformers import AutoTokenizer
+
+    world = Path(world)
+    if not (world / "world.json").is_file():
+        raise FisherdistError(f"{world}: no world.json (expected a tiny world built by `fisherdist world build`)")
+    record = json.loads((world / "world.json").read_text(encoding="utf-8"))
+    if (world / RETAIN_MODEL).exists():
+        raise FisherdistError(f"{world / RETAIN_MODEL} already exists; remove it first to rebuild it")
+    p, seed = PRESETS[record["preset"]], int(record["seed"])
+    seed_everything(seed)
+    tokenizer = AutoTokenizer.from_pretrained(world / "model")
+    data = {name: read_jsonl(world / "data" / f"{name}.jsonl") for name in TRAIN_SPLITS}
+    config = tiny_llama_config(len(tokenizer), **p["model"], bos=tokenizer.bos_token_id,
+                               eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+    tmp = Path(tempfile.mkdtemp(prefix=".retain-", dir=world))
+    try:
+        record["retain_model"] = _retain_model(tmp, config, tokenizer, data, TrainSettings(steps=record["steps"]),
+                                               seed, progress)
+        for f in (world / "model").glob("tokenizer*"):  # the base's files, not a reloaded tokenizer's re-save
+            shutil.copyfile(f, tmp / RETAIN_MODEL / f.name)
+        (tmp / RETAIN_MODEL).rename(world / RETAIN_MODEL)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    (tmp_json := world / ".world.json.tmp").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tmp_json.replace(world / "world.json")
+    return record
+
+
 def build_world(out: str | Path, seed: int = 0, preset: str = "default", steps: int | None = None,
                 progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Build the world into ``out`` and return the ``world.json`` record (measurements included)."""
@@ -103,8 +146,7 @@ def build_world(out: str | Path, seed: int = 0, preset: str = "default", steps: 
     train_s = time.time() - t0
     measurements = measure_world(model, tokenizer, out / "data")
     measure_s = time.time() - t0 - train_s
-    retain = build_retain_model(out, lambda: _fresh_model(config, seed), tokenizer, data,
-                                lambda m, d: train(m, tokenizer, d, settings, seed, progress))
+    retain = _retain_model(out, config, tokenizer, data, settings, seed, progress)
     record = {"seed": seed, "preset": preset, "steps": len(losses), "final_loss": losses[-1],
               "parameters": sum(t.numel() for t in model.parameters()), "vocab_size": len(tokenizer),
               "sizes": {k: len(v) for k, v in sorted(data.items())}, "build_seconds": round(train_s, 1),

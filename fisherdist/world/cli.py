@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from fisherdist.world.build import PRESETS
@@ -28,11 +29,26 @@ def print_summary(record: dict[str, Any], out: str) -> None:
     console.print(f"wrote {out}/model, {out}/data, {out}/world.json")
 
 
+def _retain_only(out: str) -> int:
+    from rich.progress import Progress
+
+    from fisherdist.world.build import add_retain_model
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("training the retain-only model", total=None)
+        record = add_retain_model(out, lambda s, loss: bar.update(task, completed=s + 1,
+                                                                  description=f"retain-only model (loss {loss:.2f})"))
+    print(f"wrote {out}/retain_model: {json.dumps(record['retain_model'])}")
+    return 0
+
+
 def _build(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from fisherdist.world.build import build_world
 
+    if args.retain_only:
+        return _retain_only(args.out)
     steps = args.steps or PRESETS[args.preset]["steps"]
     with Progress(transient=True) as bar:
         task = bar.add_task("training", total=steps)
@@ -50,4 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="'default' is the shipped world (~10 min on 2 cores); 'test' is tiny and fast")
     b.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
+    b.add_argument("--retain-only", action="store_true",
+                   help="only add the retain-only reference model (TOFU forget quality) to the existing world "
+                        "--out, trained exactly as a full build trains it (same bytes)")
     b.set_defaults(func=_build)
