@@ -6,14 +6,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from fisherdist.config import DataFile, Section
+from fisherdist.config import DataFile, DataKeys, Section
 from fisherdist.eval.tofu import TofuSettings
 from fisherdist.eval.utility import UtilitySettings
 from fisherdist.recipes.config import LoraRunConfig
 from fisherdist.recipes.train_config import OptimSettings
 
 
-class VilaData(Section):
+class VilaData(DataKeys):
     """TOFU-format JSON Lines: ``{question, answer, paraphrased_answer, perturbed_answer: [...]}``
     (the last two only for the truth ratio); ``@world/...`` points into the shipped tiny world."""
 
