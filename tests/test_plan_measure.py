@@ -5,7 +5,12 @@ each rank wraps a float32 model (FSDP2, ZeRO-3), builds a Fisher accumulator on 
 recorded AdamW step and reports the bytes of the storages behind its parameter shards, gradient shards,
 optimizer state and Fisher buffers (each storage counted once, in that order). The planner, run in the
 parent from the config file alone, must match every rank within 5%. The same launches check the
-planner's DeepSpeed ZeRO-1/2 partition arithmetic against live engines' ``lp_fragment_address``.
+planner's DeepSpeed ZeRO-1/2 partition arithmetic against live engines' ``lp_fragment_address`` (3 ranks)
+and, at 1 and 2 ranks, every LoRA method on the larger model through the methods' own code: VILA and FILA
+(``importance_spec`` / ``record_batch`` states, then a train step with the NPO ``FrozenAdapter``; FSDP2
+and ZeRO-3), LQ-LoRA (``quantized_lora``'s packed ``QLinear`` buffers + LoRA; FSDP2) and AlignGuard-LoRA
+(``alignment_bases``' K-FAC factors, then ``attach`` + ``AglPenalty``; one process and DDP, the backends
+it runs on).
 """
 
 from __future__ import annotations
