@@ -102,13 +102,14 @@ def lqlora(args: argparse.Namespace, *_: Any) -> dict[str, Any]:
 def vila(args: argparse.Namespace, build: Callable[[argparse.Namespace], torch.nn.Module],
          timed: Callable[..., dict[str, Any]], planned_gib: Callable[..., float]) -> dict[str, Any]:
     """VILA's importance pass (centered Fisher of the LoRA factors) vs FILA's (Fisher of the frozen base
-    weights), one forget + one retain micro-batch per timed step, LoRA r=8 on q,k,v,o."""
+    weights), one forget + one retain micro-batch per timed step, LoRA r=8 on all 7 projections (as
+    configs/vila and the planner)."""
     from fisherdist.distributed.wrap import wrap_model
     from fisherdist.fisher import FisherAccumulator
     from fisherdist.methods.vila.importance import importance_spec, one_pass
     from fisherdist.models.peft_utils import LoraSettings, apply_lora
 
-    lora = LoraSettings(dropout=0.0)
+    lora = LoraSettings(dropout=0.0, targets=[f"{p}_proj" for p in ("q", "k", "v", "o", "gate", "up", "down")])
     w = wrap_model(apply_lora(build(args), lora), "none")
     ids = torch.randint(0, w.unwrapped.config.vocab_size, (args.batch, args.seq), device=args.device)
     batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids),

@@ -8,6 +8,7 @@
     python bench/gpu_step.py --section agl --out bench/results/gpu_step.json       # penalties, 7B q,k,v,o shapes
     python bench/gpu_step.py --table --out bench/results/gpu_step.json              # the table of a run
     python bench/gpu_step.py --section engine --smoke --out /tmp/g.json             # tiny world model on CPU
+    python bench/gpu_step.py --section engine,suv --table --out /tmp/g.json         # several, then the table
 
 ``bench/gpu.sh`` runs every section under its own timeout. Each call merges its section into the JSON
 file (written atomically before and after the section, so a cut run still reports what finished and marks
@@ -206,8 +207,8 @@ def table(doc: dict[str, Any]) -> str:
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--section", choices=sorted(SECTIONS))
-    p.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")
+    p.add_argument("--section", help=f"one or more of {','.join(SECTIONS)}, comma-separated, run in order")
+    p.add_argument("--table", action="store_true", help="print the Markdown table of --out (after the sections)")
     p.add_argument("--out", default="bench/results/gpu_step.json")
     p.add_argument("--smoke", action="store_true", help="tiny world model, CPU, 2 steps: the code path in seconds")
     p.add_argument("--steps", type=int, default=5)
@@ -220,6 +221,10 @@ def parse() -> argparse.Namespace:
         torch.set_num_threads(1)  # a shared CPU: one thread per process is faster than oversubscribing
     if not args.table and not args.section:
         p.error("give --section or --table")
+    args.sections = args.section.split(",") if args.section else []
+    unknown = [x for x in args.sections if x not in SECTIONS]
+    if unknown:
+        p.error(f"--section: unknown {', '.join(unknown)}; expected some of {','.join(SECTIONS)}")
     return args
 
 
@@ -227,15 +232,20 @@ def main() -> None:
     args = parse()
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {}
+    for section in args.sections:  # the JSON is rewritten before and after each, so a cut run still reports
+        doc["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu (smoke)"
+        doc[section] = {"status": "started"}
+        save(out, doc)
+        doc[section] = SECTIONS[section](vars_copy(args))
+        save(out, doc)
+        print(json.dumps({section: doc[section]}, indent=1))
     if args.table:
         print(table(doc))
-        return
-    doc["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu (smoke)"
-    doc[args.section] = {"status": "started"}
-    save(out, doc)
-    doc[args.section] = SECTIONS[args.section](args)
-    save(out, doc)
-    print(json.dumps({args.section: doc[args.section]}, indent=1))
+
+
+def vars_copy(args: argparse.Namespace) -> argparse.Namespace:
+    """Sections set ``args.model`` for themselves: each starts from the parsed options."""
+    return argparse.Namespace(**vars(args))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The README's planner table: ``fisherdist plan`` for 7B / 13B / 70B x 8 / 16 / 64 GPUs x FSDP2 / ZeRO-3 per landed method.
+"""The README's planner tables: ``fisherdist plan`` for 7B / 13B / 70B x 8 / 16 / 64 GPUs, every landed method,
+one table per backend (FSDP2, ZeRO-3; AlignGuard-LoRA, refused on both, gets its own ZeRO-2 table).
 
     python bench/plan_table.py            # Markdown, GiB per rank (persistent + transient peak), 80 GiB GPUs
 """
@@ -6,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -13,32 +15,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODELS = ("llama-2-7b", "llama-2-13b", "llama-2-70b")
 GPUS = (8, 16, 64)
-# (method, backend) columns: every landed method on FSDP2 and ZeRO-3; Natural GaLore projects whole 2-D
-# matrices, which ZeRO's flat partitions cut across, so it runs on FSDP2 (and DDP), not ZeRO
-COLUMNS = (("fisher", "fsdp2"), ("fisher", "zero3"), ("suv", "fsdp2"), ("suv", "zero3"), ("ngalore", "fsdp2"))
+METHODS = ("fisher", "suv", "vila", "fila", "lqlora", "ngalore", "agl")
+TABLES = (("fsdp2", METHODS), ("zero3", METHODS), ("zero2", ("agl",)))
 
 
 def cell(model: str, gpus: int, backend: str, method: str) -> str:
+    """``total (fisher + method state)`` in GiB, ``✗`` when it does not fit; ``refused`` where the CLI refuses."""
+    from fisherdist.errors import ConfigError
     from fisherdist.plan.cli import add_arguments, compute
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     nodes, per_node = max(1, gpus // 8), min(gpus, 8)
-    doc = compute(parser.parse_args(["--model", model, "--nodes", str(nodes), "--gpus-per-node", str(per_node),
-                                     "--backend", backend, "--method", method, "--dtype", "bf16"]))
+    try:
+        doc = compute(parser.parse_args(["--model", model, "--nodes", str(nodes), "--gpus-per-node", str(per_node),
+                                         "--backend", backend, "--method", method, "--dtype", "bf16"]))
+    except ConfigError:
+        return "refused"
     total = doc["per_rank_bytes"]["total"] / 2**30
     fisher = (doc["per_rank_bytes"]["fisher"] + doc["per_rank_bytes"]["method_state"]) / 2**30
     return f"{total:.1f} ({fisher:.1f}){'' if doc['fits'] else ' ✗'}"
 
 
-def main() -> None:
-    header = [f"{m} {b}" for m, b in COLUMNS]
-    print("| model | GPUs | " + " | ".join(header) + " |")
-    print("|---|---|" + "---|" * len(header))
+def table(backend: str, methods: tuple[str, ...]) -> list[str]:
+    lines = [f"| {backend}: model | GPUs | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for model in MODELS:
         for gpus in GPUS:
-            cells = [cell(model, gpus, b, m) for m, b in COLUMNS]
-            print(f"| {model} | {gpus} | " + " | ".join(cells) + " |")
+            lines.append(f"| {model} | {gpus} | " + " | ".join(cell(model, gpus, backend, m) for m in methods) + " |")
+    return lines
+
+
+def main() -> None:
+    import fisherdist.plan.model as plan_model
+
+    plan_model.load_model = functools.cache(plan_model.load_model)  # one meta build per model, not per cell
+    for backend, methods in TABLES:
+        print("\n".join(table(backend, methods)) + "\n")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,8 @@ def test_shipped_configs_have_the_published_sizes(name):
 
 @pytest.mark.parametrize("method", ["fisher", "suv", "vila", "fila", "agl", "ngalore", "lqlora"])
 def test_every_method_plans_and_states_its_assumptions(capsys, method):
-    backend = "fsdp2" if method == "ngalore" else "zero3"  # GaLore needs whole matrices: no ZeRO
+    # GaLore needs whole matrices (no ZeRO); AGL's penalties whole LoRA factors (no sharded ones)
+    backend = {"ngalore": "fsdp2", "agl": "zero2"}.get(method, "zero3")
     doc = plan_json(capsys, "--model", "llama-2-13b", "--gpus-per-node", "8", "--nodes", "2", "--backend", backend,
                     "--method", method, "--gpu-memory", "141GB")
     assert doc["gpu_bytes"] == 141 * 10**9 and doc["world_size"] == 16
@@ -128,14 +129,28 @@ def test_every_method_plans_and_states_its_assumptions(capsys, method):
                              "buffers", "total"}
     assert per_rank["parameters"] > 0 and per_rank["total"] > per_rank["parameters"]
     assert any(a.startswith(f"{method}:") for a in doc["assumptions"])
-    landed = method in ("fisher", "suv", "ngalore")
-    assert landed or any("not landed" in a for a in doc["assumptions"])
 
 
-def test_ngalore_on_zero_is_refused_in_one_line(capsys):
-    assert main(["plan", "--model", "llama-2-7b", "--backend", "zero2", "--method", "ngalore"]) == 2
+@pytest.mark.parametrize("method, backend, hint", [("ngalore", "zero2", "fsdp2"), ("agl", "fsdp2", "zero2"),
+                                                   ("agl", "zero3", "ddp")])
+def test_unsupported_backend_is_refused_in_one_line(capsys, method, backend, hint):
+    assert main(["plan", "--model", "llama-2-7b", "--backend", backend, "--method", method]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--backend zero2" in err[0] and "fsdp2" in err[0]
+    assert len(err) == 1 and f"--backend {backend}" in err[0] and hint in err[0]
+
+
+def test_method_defaults_are_the_methods_own():
+    """The planner's constants name the landed code's defaults; a change there must show up here."""
+    from fisherdist.methods.agl.config import REPLICATED, AglFisher, AglTrain
+    from fisherdist.methods.lqlora.config import LqDecompose
+    from fisherdist.methods.vila.importance import STATES
+    from fisherdist.plan import methods
+
+    assert AglFisher.model_fields["subspace"].default == methods.AGL_SUBSPACE
+    assert AglTrain.model_fields["align_rank"].default == methods.AGL_ALIGN_RANK
+    assert set(REPLICATED) == set(methods.AGL_BACKENDS)
+    assert LqDecompose.model_fields["budget"].default == methods.LQ_BUDGET
+    assert STATES == methods.STATES
 
 
 def test_local_config_directory_and_a_table(capsys, tmp_path):

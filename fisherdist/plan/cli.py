@@ -11,6 +11,7 @@ from typing import Any
 from fisherdist.errors import ConfigError
 from fisherdist.fisher.comm import DEFAULT_BUCKET_MB
 from fisherdist.plan.layout import BACKENDS
+from fisherdist.plan.methods import AGL_BACKENDS
 
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2, "fp32": 4, "float32": 4, "float": 4,
                "fp64": 8, "float64": 8}
@@ -43,6 +44,12 @@ def _check(args: argparse.Namespace) -> None:
     if args.method == "ngalore" and args.backend.startswith("zero"):
         raise ConfigError(f"--backend {args.backend}: Natural GaLore projects whole 2-D matrices and DeepSpeed ZeRO's "
                           "flat partitions cut across them (fisherdist.optim refuses it); plan it on fsdp2 or ddp")
+    if args.method == "agl" and args.backend not in AGL_BACKENDS:
+        raise ConfigError(f"--backend {args.backend}: AlignGuard-LoRA's penalties need whole LoRA factors on every rank "
+                          f"(fisherdist agl refuses sharded ones); plan it on one of {', '.join(AGL_BACKENDS)}")
+    for key in ("quant_bits", "subspace"):
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
+            raise ConfigError(f"--{key.replace('_', '-')}: {getattr(args, key)} must be positive")
 
 
 def compute(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,7 +64,8 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     world = args.nodes * args.gpus_per_node
     bucket = int(args.bucket_mb * 2**20)
     job = Job(model, args.backend, world, DTYPE_BYTES[args.dtype.lower()], args.micro_batch, args.seq, bucket)
-    mm = method_model(args.method, model, args.params.split(","), args.granularity, args.lora_r)
+    mm = method_model(args.method, model, args.params.split(","), args.granularity, args.lora_r, args.quant_bits,
+                      args.subspace)
     if args.optimizer:
         mm = replace(mm, optimizer=args.optimizer)
     result = plan(job, mm)
@@ -115,6 +123,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--dtype", default="bf16", help="parameter dtype: bf16, bfloat16, fp16, float32, ...")
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (Natural GaLore: projection rank)")
+    p.add_argument("--quant-bits", type=float, default=None,
+                   help="lqlora: average bits per packed element (default: LQ-LoRA's decompose.budget, 3.5)")
+    p.add_argument("--subspace", type=int, default=None, help="agl: m, eigenvectors per module (default 16)")
     p.add_argument("--optimizer", default=None, choices=("adamw", "sgd", "none"),
                    help="override the method's optimizer (fisher: none; LoRA methods: adamw)")
     p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB,

@@ -14,7 +14,7 @@ from typing import Any
 
 from fisherdist.fisher.layout import Placement
 from fisherdist.plan import layout
-from fisherdist.plan.methods import LQ_BITS, MethodModel, Shapes
+from fisherdist.plan.methods import MethodModel, Shapes
 from fisherdist.plan.model import ModelShapes
 
 PERSISTENT = ("parameters", "gradients", "optimizer", "fisher", "method_state", "buffers")
@@ -92,9 +92,17 @@ def _owned_bytes(job: Job, mm: MethodModel, per_matrix: dict[str, int], rank: in
 
 
 def _parameters(job: Job, mm: MethodModel) -> int:
+    """Dense parameters and adapters as the backend stores them; packed weights whole on every rank."""
     dense = {f: s for f, s in job.model.shapes.items() if f not in mm.quantized}
-    packed = math.ceil(_stored(job, mm.quantized) * LQ_BITS / 8)
+    packed = math.ceil(_numel(mm.quantized) * mm.quant_bits / 8)
     return (_stored(job, dense) + _stored(job, mm.lora) * (1 + mm.lora_copies)) * job.dtype_bytes + packed
+
+
+def _kfac_bytes(mm: MethodModel, rank: int, world: int) -> int:
+    """Float64 Kronecker factors this rank owns (a layer's A and G on one rank, as fisher.kfac places them)."""
+    if not mm.kfac:
+        return 0
+    return 8 * Placement.owned(mm.kfac, rank, world, group_of=lambda f: f[:-2]).local_numel()
 
 
 def persistent(job: Job, mm: MethodModel, rank: int) -> dict[str, int]:
@@ -106,8 +114,10 @@ def persistent(job: Job, mm: MethodModel, rank: int) -> dict[str, int]:
         "parameters": _parameters(job, mm),
         "gradients": _gradients(job, mm),
         "optimizer": _optimizer(job, mm, rank),
-        "fisher": 4 * mm.fisher_sets * fisher_place.local_numel() + _owned_bytes(job, mm, mm.owned_fisher, rank),
-        "method_state": 4 * state_place.local_numel() + mm.replicated_state_bytes,
+        "fisher": (4 * mm.fisher_sets * fisher_place.local_numel() + _owned_bytes(job, mm, mm.owned_fisher, rank)
+                   + _kfac_bytes(mm, rank, job.world)),
+        "method_state": (4 * state_place.local_numel() + mm.replicated_state_bytes
+                         + mm.replicated_state_elems * job.dtype_bytes),
         "buffers": job.model.buffer_bytes,
     }
 
@@ -127,6 +137,16 @@ def _largest_unit(job: Job, shapes: Shapes) -> int:
     return max(per_unit, default=_numel(shapes))
 
 
+def _method_transient(job: Job, mm: MethodModel) -> int:
+    """The largest of: Natural GaLore's gathered float32 gradient matrix, LQ-LoRA's dequantized matrix
+    (float32, then the compute dtype), VILA / FILA init's copy of the largest adapted weight's local rows."""
+    owned_grad = 4 * max((math.prod(s) for s in mm.owned.values()), default=0)
+    dequant = (4 + job.dtype_bytes) * max((math.prod(s) for s in mm.quantized.values()), default=0)
+    adapted = {f: s for f, s in job.model.shapes.items() if f.removesuffix(".weight") + ".lora_A.weight" in mm.lora}
+    local = max((_stored(job, {f: s}) for f, s in adapted.items()), default=0)
+    return max(owned_grad, dequant, mm.local_weight_copy * local)
+
+
 def transient(job: Job, mm: MethodModel) -> dict[str, int]:
     """The largest step-time buffers on top of the persistent state."""
     pb, sharded = job.dtype_bytes, job.backend in layout.SHARDS_PARAMS and job.world > 1
@@ -144,14 +164,16 @@ def transient(job: Job, mm: MethodModel) -> dict[str, int]:
             in_flight = 4 * mm.stats_in_flight * _numel(mm.fisher_targets)
         if mm.granularity == "sample":
             in_flight += 4 * max(PERSAMPLE_CHUNK, max(math.prod(s) for s in mm.fisher_targets.values()))
-    owned_grad = 4 * max((math.prod(s) for s in mm.owned.values()), default=0)
+    if mm.kfac:  # one layer's local factors being formed + one bucket on its way to the owners
+        in_flight = 8 * max(_numel({f: s for f, s in mm.kfac.items() if f[:-2] == f2[:-2]}) for f2 in mm.kfac)
+        in_flight += job.bucket_bytes or 0
     out = {
         "activations": activations(job, mm),
         "gathered_params": 2 * _largest_unit(job, all_params) * pb if sharded else 0,  # current + prefetched unit
         "unit_gradients": (_largest_unit(job, mm.trainable) * pb if fsdp
                            else min(REDUCE_BUCKET, _numel(mm.trainable)) * pb if job.backend.startswith("zero") else 0),
         "fisher_in_flight": in_flight,
-        "method": owned_grad,
+        "method": _method_transient(job, mm),
     }
     out["total"] = sum(out.values())
     return out
@@ -160,7 +182,7 @@ def transient(job: Job, mm: MethodModel) -> dict[str, int]:
 def plan(job: Job, mm: MethodModel) -> Plan:
     """Per-rank bytes for the most loaded rank (ranks differ only in uneven placements)."""
     # rank 0 holds the most under row and flat-chunk placements; the flat-group cuts differ per rank
-    irregular = job.backend in ("zero1", "zero2", "fsdp1")
+    irregular = job.backend in ("zero1", "zero2", "fsdp1") or bool(mm.owned or mm.kfac)  # owned: greedy per rank
     ranks = range(job.world) if irregular and job.world <= 256 else (0, job.world - 1)
     loads = {r: persistent(job, mm, r) for r in ranks}
     worst = max(loads, key=lambda r: (sum(loads[r].values()), -r))
