@@ -43,13 +43,11 @@ def _args(out: Path, zero: int | None, **kw: object):  # type: ignore[no-untyped
 
 
 def _no_shm_jit() -> None:
-    """DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op at ``deepspeed.initialize``, under
-    a file lock in ~/.cache/torch_extensions: minutes on a loaded machine, and a build killed midway leaves a
-    stale lock that blocks every later start (the "ZeRO-3 under the Trainer stalls" of an earlier probe). The
-    op is an inference fast path; gloo does the training collectives without it."""
-    import deepspeed.ops
+    """The Trainer starts DeepSpeed through accelerate, not through fisherdist's wrapper: apply the wrapper's
+    CPU opt-out of DeepSpeed's JIT-built shared-memory op (``wrap_deepspeed._import_deepspeed``) first."""
+    from fisherdist.distributed.wrap_deepspeed import _import_deepspeed
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    _import_deepspeed(2)
 
 
 def _train(out: Path, save: Path, zero: int | None, resume: str | None = None, **kw: object) -> None:

@@ -29,19 +29,8 @@ def _hook(model: torch.nn.Module) -> None:
     vila_init.fisher_init(rows)(model)
 
 
-def _no_deepspeed_shm_op() -> None:
-    """DeepSpeed's comm layer first probes every op with compiler runs, then JIT-builds its shared-memory
-    all-reduce op on CPU (minutes, and rebuilt whenever another job built it with other flags); the gloo
-    group here never uses that op. An empty compatible-ops table makes ``build_shm_op`` return None."""
-    from fisherdist.distributed.wrap_deepspeed import _import_deepspeed
-
-    _import_deepspeed(3).ops.__compatible_ops__ = {}
-
-
 def _worker(rank: int, world: int, path, backend: str):
     vila_init.OVERSAMPLE = 1000  # exact SVD
-    if backend == "zero3":
-        _no_deepspeed_shm_op()
     w = load_wrapped(path, torch.float32, backend, "cpu", load="sharded", prepare=lambda m: apply_lora(m, LORA),
                      lora_init=_hook)
     logits = w.module(input_ids=IDS).logits.detach()
