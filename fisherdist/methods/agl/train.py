@@ -11,12 +11,11 @@ from typing import Any
 
 import torch
 
-from fisherdist.distributed.collectives import all_reduce_sum
 from fisherdist.eval.alignment import AlignmentData, unsafe_refusal
 from fisherdist.methods.agl.adapters import module_factors
 from fisherdist.methods.agl.penalty import AglWeights, combine, local_sums
 from fisherdist.models.peft_utils import adapted_modules
-from fisherdist.recipes.losses import collate_prompted, label_tokens, sft_loss
+from fisherdist.recipes.losses import collate_prompted, step_mean, token_mean_share
 from fisherdist.recipes.trainer import StepBatch, TrainHook
 
 Pairs = list[tuple[list[int], list[int]]]
@@ -38,15 +37,12 @@ class SftStepLoss(TrainHook):
         real = [i for i in batch.mine if i >= 0]
         items = [self.pairs[i] for i in (real or [0])]
         b = collate_prompted([p for p, _ in items], [c for _, c in items], self.pad_id, self.max_length).to(self.device)
-        mine = label_tokens(b.labels).sum() * int(bool(real))
-        tokens = all_reduce_sum(mine.double().reshape(1))
-        logits = self.w.module(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        loss = sft_loss(logits, b.labels).sum() * int(bool(real)) * batch.world / tokens.to(logits.dtype)
+        loss = token_mean_share(self.w.module, b, bool(real), batch.world)
         self.last = loss.detach()
         return loss
 
     def after_step(self, batch: StepBatch, row: dict[str, Any]) -> None:
-        row["nll"] = float(all_reduce_sum(self.last.double().reshape(1))) / batch.world
+        row["nll"] = step_mean(self.last, batch.world)
 
 
 class AglPenalty(TrainHook):
