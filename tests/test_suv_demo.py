@@ -93,27 +93,32 @@ def _train_rows(out):
     return [r for r in rows if r.get("stage") == "train"]
 
 
-def _same_run(a_dir, a, b_dir, b):
+def _same_start(a_dir, a, b_dir, b):
+    """Run ``b`` (one epoch) equals the first epoch of run ``a``: same mined windows, same scores before
+    training, and the same DPO loss at every step (the lr is constant, so the first epoch does not depend
+    on how many follow)."""
     assert (b_dir / "mined.jsonl").read_text() == (a_dir / "mined.jsonl").read_text()
-    for side in ("before", "after"):
-        x, y = a[side]["memorization"]["overall"], b[side]["memorization"]["overall"]
-        assert (x["verbatim"], x["windows"]) == (y["verbatim"], y["windows"]), side
-        assert abs(x["mean_lcs"] - y["mean_lcs"]) <= 0.05 * max(x["mean_lcs"], 1), side
-        ppl, ppl_b = a[side]["perplexity"]["perplexity"], b[side]["perplexity"]["perplexity"]
-        assert abs(ppl_b / ppl - 1) < 1e-3, side
+    x, y = a["before"]["memorization"]["overall"], b["before"]["memorization"]["overall"]
+    assert (x["verbatim"], x["windows"]) == (y["verbatim"], y["windows"])
+    assert abs(x["mean_lcs"] - y["mean_lcs"]) <= 0.05 * max(x["mean_lcs"], 1)
+    ppl, ppl_b = a["before"]["perplexity"]["perplexity"], b["before"]["perplexity"]["perplexity"]
+    assert abs(ppl_b / ppl - 1) < 1e-3
     log, log_b = (_train_rows(d) for d in (a_dir, b_dir))
-    assert len(log) == len(log_b) and log_b[0]["dpo"] == pytest.approx(math.log(2), abs=1e-6)
-    assert abs(log[-1]["dpo"] - log_b[-1]["dpo"]) < 1e-3
+    assert 0 < len(log_b) < len(log) and log_b[0]["dpo"] == pytest.approx(math.log(2), abs=1e-6)
+    for row, row_b in zip(log, log_b):
+        assert abs(row["dpo"] - row_b["dpo"]) < 1e-4, (row, row_b)
+    assert abs(log_b[-1]["dpo"] - log_b[0]["dpo"]) > 1e-2  # training moved the adapter
 
 
 def test_zero3_pipeline_reproduces_the_demo(demo, tmp_path):
     """Every stage under DeepSpeed ZeRO-3: the model partitioned while it loads (zero.Init, ``model.load=sharded``;
     row-sharded loading under FSDP2 is tested in test_sharded_load / test_recipes_lora_base), partitioned
     generation, the Fisher pass on the training engine (which must not move the adapter), barrier and
-    projection through DeepSpeed's gradients."""
+    projection through DeepSpeed's gradients. One epoch of the demo's four, compared step by step with the
+    demo's first epoch, keeps this test at a quarter of the demo's training time."""
     out = tmp_path / "zero3"
     run = subprocess.run([sys.executable, "-m", "fisherdist", "suv", "run", str(TINY), f"out={out}",
-                          "dist.backend=zero3", "dist.nproc=2", "model.load=sharded"],
+                          "dist.backend=zero3", "dist.nproc=2", "model.load=sharded", "train.epochs=1"],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    _same_run(*demo, out, json.loads((out / "report.json").read_text()))
+    _same_start(*demo, out, json.loads((out / "report.json").read_text()))
