@@ -28,7 +28,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--data", default="@world/data/general_heldout.jsonl")
     p.add_argument("--out", default="runs/hf_trainer")
     p.add_argument("--params", nargs="+", default=["*mlp*"], help="fnmatch patterns of the Fisher's targets")
-    p.add_argument("--deepspeed", choices=["zero1", "zero2"], default=None, help="ZeRO-3 is refused by the callback")
+    p.add_argument("--deepspeed", choices=["zero1", "zero2", "zero3"], default=None)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
