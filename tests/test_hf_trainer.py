@@ -1,6 +1,8 @@
 """FisherCallback inside a real ``transformers.Trainer`` under DeepSpeed ZeRO-2 and ZeRO-3 on 2 gloo ranks:
 the exported Fisher equals the float64 oracle (which computes every sample's mean token NLL itself) whatever
-the Trainer's loss averaging, and a run resumed from a Trainer checkpoint equals an uninterrupted one."""
+the Trainer's loss averaging, and a run resumed from a Trainer checkpoint equals an uninterrupted one. The
+ZeRO-3 model is partitioned once by ``from_pretrained`` (``zero.Init``), once by ``deepspeed.initialize``.
+Importing the integration turns off DeepSpeed's JIT-built CPU shm op (accelerate starts DeepSpeed itself)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,23 @@ def _args(out: Path, zero: int | None, **kw: object):  # type: ignore[no-untyped
                              max_steps=2, save_strategy="steps", save_steps=1, seed=3, **kw)
 
 
+def _model(zero: int, saved: Path, load: bool) -> torch.nn.Module:
+    """ZeRO-2: the float64 model. ZeRO-3 (float32: DeepSpeed partitions no float64; same weights): with
+    ``load``, ``from_pretrained`` after the ``TrainingArguments``, as users do, which partitions it while
+    loading (``zero.Init``); else built whole and partitioned by ``deepspeed.initialize``."""
+    from transformers import LlamaForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if zero != 3:
+        return tiny_llama(0)
+    if not load:
+        return tiny_llama(0, model_dtype("zero3"))
+    assert is_deepspeed_zero3_enabled()  # the arguments made from_pretrained partition while loading
+    model = LlamaForCausalLM.from_pretrained(saved, attn_implementation="eager")
+    assert all(hasattr(p, "ds_tensor") for p in model.parameters())
+    return model
+
+
 def _train(out: Path, save: Path, zero: int, resume: str | None = None, **kw: object) -> None:
     from transformers import Trainer
 
@@ -50,9 +69,11 @@ def _train(out: Path, save: Path, zero: int, resume: str | None = None, **kw: ob
     from fisherdist.integrations.hf import FisherCallback
 
     cb = FisherCallback(spec=FisherSpec(params=TARGETS, dtype="float64"), save_dir=save)
-    dtype = model_dtype(f"zero{zero}")  # ZeRO-3: float32 (DeepSpeed partitions no float64), same weights
-    trainer = Trainer(model=tiny_llama(0, dtype), args=_args(out, zero, **kw), train_dataset=Rows(), callbacks=[cb])
+    args = _args(out, zero, **kw)
+    model = _model(zero, out.parent.parent / "model", load=resume is None)
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[cb])
     trainer.train(resume_from_checkpoint=resume)
+    assert all(hasattr(p, "ds_tensor") == (zero == 3) for p in model.parameters())
 
 
 def _exported(save: Path) -> dict[str, torch.Tensor]:
@@ -98,7 +119,12 @@ def _shm_op_after_import() -> bool:
 
 def _both(rank: int, world: int, root: str) -> dict[object, object]:
     """One launch for both stages (a rank's start-up costs as much as a run)."""
+    import torch.distributed as dist
+
     out: dict[object, object] = {"shm_op": _shm_op_after_import()}
+    if rank == 0:
+        tiny_llama(0, model_dtype("zero3")).save_pretrained(Path(root) / "model")
+    dist.barrier()
     return out | {zero: _worker(rank, world, root, zero) for zero in (2, 3)}
 
 
