@@ -63,6 +63,12 @@ def main() -> None:
     args = TrainingArguments(output_dir=a.out, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                              learning_rate=a.lr, max_steps=a.steps, save_steps=10, logging_steps=5,
                              report_to=[], deepspeed=ds, use_cpu=not torch.cuda.is_available())
+    if a.deepspeed == "zero3" and not torch.cuda.is_available():
+        # with use_cpu accelerate starts DeepSpeed's comm layer only in deepspeed.initialize, but from_pretrained
+        # partitions the model while loading (zero.Init) and needs the world size now
+        import deepspeed
+
+        deepspeed.comm.init_distributed(dist_backend="gloo")
     callback = FisherCallback(spec=FisherSpec(params=a.params), save_dir=f"{a.out}/fisher_out")
     trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
                       train_dataset=Records(a.data, tokenizer),
