@@ -1,7 +1,9 @@
 """The Trainer callback's tracker on loops we do not own, 2 gloo ranks, against the float64 oracle: a model
 prepared by a plain ``accelerate.Accelerator`` (DDP on CPU: accelerate enables FSDP only on GPU
 distributed types) with its own gradient-accumulation loss scaling, and an FSDP2 (``fully_shard``) model
-trained on an arbitrarily scaled HF loss. Also: a loss that is not a scaled token NLL is refused."""
+trained on an arbitrarily scaled HF loss. One process: outputs replaced by a framework's forward hook (as
+DeepSpeed ZeRO-3 does) still match the oracle, or are refused when the hook runs ahead of the tracker; a
+loss that is not a scaled token NLL is refused."""
 
 from __future__ import annotations
 

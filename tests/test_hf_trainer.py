@@ -57,6 +57,9 @@ def _model(zero: int, saved: Path, load: bool) -> torch.nn.Module:
     if not load:
         return tiny_llama(0, model_dtype("zero3"))
     assert is_deepspeed_zero3_enabled()  # the arguments made from_pretrained partition while loading
+    import deepspeed  # zero.Init needs DeepSpeed's comm layer, which use_cpu leaves down (as the example does)
+
+    deepspeed.comm.init_distributed(dist_backend="gloo", dist_init_required=False)
     model = LlamaForCausalLM.from_pretrained(saved, attn_implementation="eager")
     assert all(hasattr(p, "ds_tensor") for p in model.parameters())
     return model
