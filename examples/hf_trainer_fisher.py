@@ -28,7 +28,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--data", default="@world/data/general_heldout.jsonl")
     p.add_argument("--out", default="runs/hf_trainer")
     p.add_argument("--params", nargs="+", default=["*mlp*"], help="fnmatch patterns of the Fisher's targets")
-    p.add_argument("--deepspeed", choices=["zero1", "zero2"], default=None, help="ZeRO-3 is refused by the callback")
+    p.add_argument("--deepspeed", choices=["zero1", "zero2", "zero3"], default=None)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
@@ -63,6 +63,12 @@ def main() -> None:
     args = TrainingArguments(output_dir=a.out, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                              learning_rate=a.lr, max_steps=a.steps, save_steps=10, logging_steps=5,
                              report_to=[], deepspeed=ds, use_cpu=not torch.cuda.is_available())
+    if a.deepspeed == "zero3" and not torch.cuda.is_available():
+        # with use_cpu accelerate starts DeepSpeed's comm layer only in deepspeed.initialize, but from_pretrained
+        # partitions the model while loading (zero.Init) and needs the world size now
+        import deepspeed
+
+        deepspeed.comm.init_distributed(dist_backend="gloo")
     callback = FisherCallback(spec=FisherSpec(params=a.params), save_dir=f"{a.out}/fisher_out")
     trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
                       train_dataset=Records(a.data, tokenizer),

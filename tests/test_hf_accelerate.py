@@ -1,7 +1,9 @@
 """The Trainer callback's tracker on loops we do not own, 2 gloo ranks, against the float64 oracle: a model
 prepared by a plain ``accelerate.Accelerator`` (DDP on CPU: accelerate enables FSDP only on GPU
 distributed types) with its own gradient-accumulation loss scaling, and an FSDP2 (``fully_shard``) model
-trained on an arbitrarily scaled HF loss. Also: a loss that is not a scaled token NLL is refused."""
+trained on an arbitrarily scaled HF loss. One process: outputs replaced by a framework's forward hook (as
+DeepSpeed ZeRO-3 does) still match the oracle, or are refused when the hook runs ahead of the tracker; a
+loss that is not a scaled token NLL is refused."""
 
 from __future__ import annotations
 
@@ -95,6 +97,47 @@ def test_plain_accelerator_and_fsdp2_models_match_oracle():
     want = _expected()
     _close(got["accelerate"], want)
     _close(got["fsdp2"], want)
+
+
+class _Reattach(torch.autograd.Function):
+    """What DeepSpeed ZeRO-3's module forward hook does to every output (``PreBackwardFunctionForModule``)."""
+
+    @staticmethod
+    def forward(ctx, t):  # type: ignore[no-untyped-def]
+        return t.detach()
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        return g
+
+
+def _replace_logits(module, args, out):  # type: ignore[no-untyped-def]
+    out.logits = _Reattach.apply(out.logits)  # the loss was computed inside forward from the original logits
+    return out
+
+
+def test_outputs_replaced_by_a_framework_hook():
+    """A framework that hooked the model first (ZeRO-3 at ``deepspeed.initialize``) and replaces its outputs
+    does not hide the logits' gradient from the tracker; one that gets ahead of the tracker is refused."""
+    from fisherdist.errors import FisherdistError
+    from fisherdist.integrations.capture import FisherTracker
+
+    model = tiny_llama(0)
+    model.register_forward_hook(_replace_logits)
+    tracker = FisherTracker(model, _spec())
+    ids, labels = dataset(N)
+    for start in range(0, N, MB):
+        (model(input_ids=ids[start : start + MB], labels=labels[start : start + MB]).loss * 0.3).backward()
+        tracker.end_micro_batch()
+    got = _gathered(tracker)
+    _close(got, oracle(tiny_llama(0), ids, labels, TARGETS, "sample", "empirical", world=1, mb=1))
+    tracker = FisherTracker(model, _spec())
+    model.register_forward_hook(_replace_logits, prepend=True)
+    model(input_ids=ids[:MB], labels=labels[:MB]).loss.backward()
+    with pytest.raises(FisherdistError, match="never reached the model's output logits") as err:
+        tracker.end_micro_batch()
+    assert "\n" not in str(err.value)
+    tracker.close()
 
 
 def test_loss_factors_flag_a_loss_that_is_not_a_scaled_nll():

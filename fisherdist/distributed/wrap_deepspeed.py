@@ -79,11 +79,23 @@ def _import_deepspeed(stage: int) -> Any:
         import deepspeed
     except ImportError as err:  # pragma: no cover - deepspeed is a dependency
         raise FisherdistError(f"dist.backend=zero{stage} needs deepspeed (pip install 'deepspeed>=0.19,<0.20'): {err}") from err
-    if not torch.cuda.is_available():  # its CPU shared-memory all-reduce (inference only) is otherwise
-        ops = getattr(deepspeed.ops, "__compatible_ops__", None)  # JIT-built into a per-machine cache at launch
-        if isinstance(ops, dict):  # DeepSpeed keeps edits to this dict
-            ops["deepspeed_shm_comm"] = False
+    skip_cpu_shm_op()
     return deepspeed
+
+
+def skip_cpu_shm_op() -> None:
+    """Without CUDA, keep DeepSpeed from JIT-building its CPU shared-memory all-reduce when its comm layer
+    starts (``deepspeed.comm.torch.build_shm_op``): an inference fast path (gloo does the training
+    collectives) compiled under a file lock in a per-machine cache, minutes on a loaded machine, and a
+    build killed midway leaves a lock that blocks every later start. Call before DeepSpeed's comm starts
+    (``deepspeed.initialize``, or accelerate's ``PartialState``); imports deepspeed."""
+    if torch.cuda.is_available():
+        return
+    import deepspeed
+
+    ops = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(ops, dict):  # DeepSpeed keeps edits to this dict
+        ops["deepspeed_shm_comm"] = False
 
 
 def wrap_zero(stage: int, model: nn.Module, opt: OptimizerFactory | None, *,

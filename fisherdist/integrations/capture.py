@@ -13,6 +13,13 @@ gradient-accumulation scaling, a loss scaler). We cannot wrap that loss, so:
   ``FisherAccumulator.rescale`` divides each sample's squared gradient by ``c_i**2``;
 * the loop closes the block after backward (``end_micro_batch``).
 
+The logits hook must sit on the tensor the model's own ``loss`` was computed from. DeepSpeed ZeRO-3 (and
+any framework that does the same) replaces every module's outputs in a forward hook of its own with
+new autograd nodes (``PreBackwardFunctionForModule``); the loop backpropagates the model's ``loss``,
+computed inside ``forward`` from the original logits, so a hook on the replaced ``logits`` never fires.
+Our forward hook is therefore prepended (it runs before hooks registered earlier), and a micro-batch
+whose logits gradient never arrived is refused at ``end_micro_batch`` instead of counted unscaled.
+
 The ratio is exact whenever each sample's loss is a multiple of its token-summed NLL (every averaging
 above); a loss that is not (label smoothing, a custom ``compute_loss``) gives a mismatch, detected as a
 residual and refused.
@@ -93,8 +100,9 @@ class FisherTracker:
         self._block: contextlib.AbstractContextManager[None] | None = None
         self._labels: torch.Tensor | None = None
         self._residual = torch.zeros((), dtype=torch.float64)
+        self._measured = False
         self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
-                         model.register_forward_hook(self._after)]
+                         model.register_forward_hook(self._after, prepend=True)]  # before ZeRO-3's: see notes
 
     def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not (module.training and torch.is_grad_enabled()):
@@ -121,14 +129,28 @@ class FisherTracker:
         factors, residual = loss_factors(logits, labels, grad)
         self._residual = torch.maximum(self._residual.to(residual.device), residual.max().to(torch.float64))
         self.acc.rescale(factors)
+        self._measured = True
 
     def end_micro_batch(self, optimizer_step: bool = True) -> None:
         """After a backward: close the block; ``optimizer_step=False`` inside gradient accumulation."""
         if self._block is None:
             return
-        block, self._block = self._block, None
-        block.__exit__(None, None, None)
+        measured = self._close_block()
+        if not measured:
+            raise FisherdistError("fisher: the backward of this micro-batch never reached the model's output logits "
+                                  "(no backward since the forward, or a forward hook registered after the tracker "
+                                  "replaced the outputs); its per-sample scale is unknown, so the Fisher is refused")
         self.acc.step(optimizer_step=optimizer_step)
+
+    def _close_block(self) -> bool:
+        """Exit the open ``record()`` block (counting nothing if no logits gradient came); whether one came."""
+        assert self._block is not None
+        block, self._block = self._block, None
+        measured, self._measured = self._measured, False
+        if not measured:
+            self.acc.cancel()
+        block.__exit__(None, None, None)
+        return measured
 
     def check(self) -> None:
         """Refuse a loss that is not a multiple of each sample's token NLL (one host sync; call rarely)."""
@@ -138,6 +160,8 @@ class FisherTracker:
                                   f"residual {worst:.2e} at the logits); the Fisher would not follow the mean convention")
 
     def close(self) -> None:
+        if self._block is not None and not self._measured:  # a forward without backward: dropped
+            self._close_block()
         self.end_micro_batch()
         for h in self._handles:
             h.remove()

@@ -3,16 +3,21 @@
     trainer = Trainer(model, args, train_dataset=ds,
                       callbacks=[FisherCallback(spec=FisherSpec(params=["*mlp*"]), save_dir="fisher_out")])
 
-ZeRO-3 under the Trainer is refused (:func:`refuse_zero3`). Statistics are gathered with the engine's backend for
-whatever the Trainer prepared (DeepSpeed ZeRO-1/2,
+Statistics are gathered with the engine's backend for whatever the Trainer prepared (DeepSpeed ZeRO-1/2/3,
 FSDP2 through accelerate's ``fsdp_config``, DDP, one process), in the gradient's sharding, and follow the
 mean convention whatever loss averaging the Trainer uses (see :mod:`fisherdist.integrations.capture`).
 The state is saved in ``checkpoint-N/fisher/`` with every Trainer checkpoint, loaded again when training
 resumes from one, and written to ``save_dir/fisher`` at the end (``fisherdist export save_dir`` reads it).
+
+Importing this module on a machine without CUDA turns off DeepSpeed's JIT-built CPU shared-memory op
+(:func:`~fisherdist.distributed.wrap_deepspeed.skip_cpu_shm_op`): accelerate starts DeepSpeed's comm layer
+later (in ``TrainingArguments`` or ``deepspeed.initialize``), without fisherdist's wrapper.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from fisherdist.atomic import write_text
 from fisherdist.distributed.collectives import is_main
-from fisherdist.errors import CheckpointError, FisherdistError
+from fisherdist.distributed.wrap_deepspeed import skip_cpu_shm_op
+from fisherdist.errors import CheckpointError
 from fisherdist.fisher.checkpoint import load_fisher, save_fisher
 from fisherdist.fisher.spec import FisherSpec
 from fisherdist.integrations.capture import FisherTracker
@@ -30,13 +36,9 @@ from fisherdist.integrations.capture import FisherTracker
 CHECKPOINT_PREFIX = "checkpoint"
 
 
-def refuse_zero3(model: Any) -> None:
-    """ZeRO-3 under the Trainer gives a wrong Fisher (measured: 2 gloo ranks against the float64 oracle, while
-    ZeRO-2 on the same run matches), so it is refused rather than exported."""
-    if model is not None and any(hasattr(p, "ds_tensor") for p in model.parameters()):
-        raise FisherdistError("FisherCallback: DeepSpeed ZeRO-3 under the Trainer is not supported (its Fisher differs "
-                              "from the float64 oracle in our tests); use zero_optimization.stage 1 or 2, or FSDP, "
-                              "or estimate with `fisherdist fisher ... dist.backend=zero3`")
+if importlib.util.find_spec("deepspeed") is not None:
+    with contextlib.suppress(ImportError):  # a broken DeepSpeed install only matters to its users
+        skip_cpu_shm_op()
 
 
 class FisherCallback(TrainerCallback):
@@ -54,7 +56,6 @@ class FisherCallback(TrainerCallback):
                        model: Any = None, **kwargs: Any) -> None:
         if self.tracker is not None:
             self.tracker.close()
-        refuse_zero3(model)
         self.tracker = FisherTracker(model, self.spec)
         if state.global_step > 0:  # the Trainer resumed from a checkpoint: so does the Fisher
             load_fisher(self.tracker.acc.state, self._resume_path(args, state))
