@@ -27,7 +27,7 @@ from fisherdist.cli import main
 TINY = Path(__file__).resolve().parents[1] / "configs" / "vila" / "tiny.yaml"
 
 
-def _plain_lora_init(out: Path) -> None:
+def plain_lora_init(out: Path) -> None:
     """models/base = the original model, init/factors.pt = PEFT's default factors (B = 0)."""
     import torch
 
@@ -85,7 +85,7 @@ def run(out_json: Path, extra: list[str]) -> dict[str, Any]:
     work = out_json.parent / "vila_runs"
     runs = {"vila": _run("vila", work, ["run"], ["method=vila", *extra]),
             "fila": _run("fila", work, ["run"], ["method=fila", *extra])}
-    _plain_lora_init(work / "gd_lora")
+    plain_lora_init(work / "gd_lora")
     runs["gd_lora"] = _run("gd_lora", work, ["train", "eval"], ["train.loss=gd", *extra])  # the issue's baseline
     for r in runs.values():
         r["targets"] = targets(r["summary"])
