@@ -2,11 +2,12 @@
 
     python bench/vila.py --out bench/results/vila.json [key=value ...]   # overrides of configs/vila/tiny.yaml
 
-1. ``fisherdist vila run`` with ``method=vila`` and ``method=fila`` (importance, Fisher-weighted init, GD
-   training, TOFU evaluation); the importance pass's seconds and its statistics' bytes come from
-   ``importance/importance.json``.
+1. ``fisherdist vila run`` with ``method=vila`` and ``method=fila`` (importance, Fisher-weighted init,
+   training, TOFU evaluation), each with its own lr / retain weight from the recipe's ``per_method``; the
+   importance pass's seconds and its statistics' bytes come from ``importance/importance.json``.
 2. The baseline: PEFT's default LoRA init (B = 0) on the unchanged base, then the same ``train`` and
-   ``eval`` stages with gradient difference (``train.loss=gd``; same lr, steps, seed).
+   ``eval`` stages with gradient difference at ``BASELINE`` (same steps, seed, data order).
+   ``per_method`` and ``BASELINE`` are what bench/vila_sweep.py's selection rule chose for each method.
 3. The issue's targets per run: forget accuracy <= 1/3 of the base model's, retain accuracy >= 85% of it,
    held-out perplexity within +10%; forget quality (KS p-value, when a retain-only model is configured)
    and model utility against the baseline. Writes JSON and a PNG.
@@ -25,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fisherdist.cli import main
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "vila" / "tiny.yaml"
+BASELINE = ["train.loss=gd", "train.lr=1e-3", "train.retain_weight=1"]  # plain GD LoRA, bench/vila_sweep.py
 
 
-def _plain_lora_init(out: Path) -> None:
+def plain_lora_init(out: Path) -> None:
     """models/base = the original model, init/factors.pt = PEFT's default factors (B = 0)."""
     import torch
 
@@ -60,6 +62,12 @@ def targets(s: dict[str, Any]) -> dict[str, bool | None]:
             "ppl_within_10pct": None if ppl is None else ppl <= 1.10}
 
 
+def versus(s: dict[str, Any], base: dict[str, Any]) -> dict[str, bool]:
+    """The issue's comparison with the baseline: higher forget quality (ties: utility) at equal or better utility."""
+    fq, fq0, mu, mu0 = s["forget_quality"][1], base["forget_quality"][1], s["model_utility"][1], base["model_utility"][1]
+    return {"forget_quality_higher": fq > fq0 or (fq == fq0 and mu > mu0), "utility_equal_or_better": mu >= mu0}
+
+
 def _plot(path: Path, runs: dict[str, dict[str, Any]]) -> None:
     import matplotlib
 
@@ -85,10 +93,12 @@ def run(out_json: Path, extra: list[str]) -> dict[str, Any]:
     work = out_json.parent / "vila_runs"
     runs = {"vila": _run("vila", work, ["run"], ["method=vila", *extra]),
             "fila": _run("fila", work, ["run"], ["method=fila", *extra])}
-    _plain_lora_init(work / "gd_lora")
-    runs["gd_lora"] = _run("gd_lora", work, ["train", "eval"], ["train.loss=gd", *extra])  # the issue's baseline
+    plain_lora_init(work / "gd_lora")
+    runs["gd_lora"] = _run("gd_lora", work, ["train", "eval"], [*BASELINE, *extra])  # the issue's baseline
     for r in runs.values():
         r["targets"] = targets(r["summary"])
+    for name in ("vila", "fila"):
+        runs[name]["versus_gd_lora"] = versus(runs[name]["summary"], runs["gd_lora"]["summary"])
     v, f = runs["vila"]["importance"], runs["fila"]["importance"]
     doc = {"command": f"python bench/vila.py --out {out_json} {' '.join(extra)}".strip(), "runs": runs,
            "importance_speedup_vila_over_fila": f["seconds"] / v["seconds"],

@@ -67,6 +67,7 @@ def test_one_pass_two_states_equals_two_passes(method):
     model = _model()
     w, acc = _acc(method, model)
     one_pass(w, acc, _batches(*DATA["forget"]), _batches(*DATA["retain"]))
+    assert set(acc.states) == {"forget", "retain"}  # the unused default state is never allocated
     for state in ("forget", "retain"):
         w2, alone = _acc(method, model)
         one_pass(w2, alone, _batches(*DATA[state]) if state == "forget" else [], [] if state == "forget" else _batches(*DATA[state]))
@@ -97,3 +98,11 @@ def test_fisher_init_keeps_the_outputs_and_weights_rows():
         delta = 2.0 * m.lora_b.detach() @ m.lora_a.detach()  # s = alpha / r = 2
         torch.testing.assert_close(m.module.base_layer.weight.detach() + delta, originals[m.name])
         assert delta.abs().sum() > 0
+
+
+def test_default_state_is_created_on_first_read():
+    w, acc = _acc("fila", _model())
+    assert not acc.states
+    assert acc.num_samples() == 0  # a read allocates the default state, zero as before the change
+    assert set(acc.states) == {"default"}
+    acc.close()

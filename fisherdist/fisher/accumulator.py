@@ -54,9 +54,8 @@ class FisherAccumulator:
         self.placement = self.backend.placement(self.targets) if batch else self.backend.stats_placement(self.targets)
         self.dtype = DTYPES[spec.dtype]
         self._device = next(iter(self.targets.values())).device
-        self.states: dict[str, FisherState] = {}
-        self.state = self._state(DEFAULT_STATE)
-        self._active, self._active_name = self.state, DEFAULT_STATE
+        self.states: dict[str, FisherState] = {}  # created on first use: one that only records named
+        self._active_name = DEFAULT_STATE         # states never allocates the default one
         self._recording = False
         self._weight = torch.zeros((), dtype=self.dtype, device=self._device)
         self._counts: dict[str, torch.Tensor] = {}  # the open record() block's
@@ -78,6 +77,19 @@ class FisherAccumulator:
                 self._hook_param_grads()
         if not batch:
             self.backend.install(self)
+
+    @property
+    def state(self) -> FisherState:
+        """The default state (allocated on first use)."""
+        return self._state(DEFAULT_STATE)
+
+    @property
+    def _active(self) -> FisherState:
+        return self._state(self._active_name)
+
+    def _read(self, name: str) -> FisherState:
+        """A state to read: the default one always exists (zeros until recorded), a named one once recorded."""
+        return self.state if name == DEFAULT_STATE else self.states[name]
 
     def _state(self, name: str) -> FisherState:
         """The named state, created on first use (no collective: every rank creates the same)."""
@@ -186,10 +198,10 @@ class FisherAccumulator:
     def _open(self, name: str) -> None:
         """Select the state of this block; an online Fisher decays it once per optimizer step, before the
         step's first statistics arrive (they are delivered during backward)."""
-        if self._step_counts and self._active is not self._state(name):
+        if self._step_counts and name != self._active_name:
             raise FisherdistError(f"FisherAccumulator.record(state={name!r}) inside an optimizer step that records "
                                   f"into another state; call acc.step() first")
-        self._active, self._active_name = self._state(name), name
+        self._active_name = name
         if self._active.decay_due and self.spec.decay is not None:
             self._active.decay(self.spec.decay)
         self._active.decay_due = False
@@ -285,13 +297,13 @@ class FisherAccumulator:
         return self.placement.fragment(fqn)
 
     def num_samples(self, state: str = DEFAULT_STATE) -> float:
-        return self.states[state].global_counts()["samples"]
+        return self._read(state).global_counts()["samples"]
 
     def fisher(self, fqn: str, *, counts: dict[str, float] | None = None, state: str = DEFAULT_STATE) -> torch.Tensor:
         """This rank's fragment in the MEAN convention (estimator-specific, see ``FisherSpec``); pass
         ``counts`` (``state.global_counts()``) when reading many parameters to avoid a collective each.
         With ``decay`` this is the bias-corrected EMA, readable after any step."""
-        st = self.states[state]
+        st = self._read(state)
         n = (counts or st.global_counts())["weight"]
         if n <= 0:
             raise FisherdistError("no samples accumulated yet")
@@ -306,7 +318,7 @@ class FisherAccumulator:
     def summary(self, state: str = DEFAULT_STATE) -> dict[str, torch.Tensor]:
         """Row sums, column sums and total of every target's mean-convention Fisher (``<name>.row`` ...),
         from each rank's fragments: small vectors are reduced, no matrix is gathered (collective)."""
-        counts = self.states[state].global_counts()
+        counts = self._read(state).global_counts()
         fragments = {f: (self.fragment(f), self.fisher(f, counts=counts, state=state)) for f in self.targets}
         return summarise(fragments, self.backend.group)
 

@@ -22,7 +22,11 @@ class Accumulator(Protocol):
     spec: FisherSpec
     backend: Backend
     placement: Placement
-    state: FisherState
+
+    @property
+    def state(self) -> FisherState:
+        """The default state (FisherAccumulator allocates it on first use)."""
+        ...
 
     def record(self, labels: torch.Tensor | None = None, *, valid: torch.Tensor | None = None,
                loss_scale: float = 1.0, state: str = DEFAULT_STATE,

@@ -111,13 +111,12 @@ def _vila(m: ModelShapes, params: list[str], gran: str, k: Knobs, *, fila: bool 
     targets = base if fila else lora
     stats = 1 if fila else 2  # ESTIMATOR_STATS: empirical -> sq; centered -> sq, first
     where = "the frozen base linear weights (sq)" if fila else "the LoRA factors (centered: sq and first)"
-    # FisherAccumulator allocates its default state at construction, beside forget and retain (measured)
-    return MethodModel(lora, lora, targets, (len(STATES) + 1) * stats, stats, "microbatch", "adamw", lora_copies=1,
+    # FisherAccumulator allocates a state on first use: forget and retain only, no default state (measured)
+    return MethodModel(lora, lora, targets, len(STATES) * stats, stats, "microbatch", "adamw", lora_copies=1,
                        local_weight_copy=8, assumptions=[
                            f"{name}: LoRA r={k.r} on all 7 linear projections (the shipped configs/vila); importance "
                            f"= token-weighted microbatch Fisher on {where}, forget and retain states of one "
-                           "accumulator, plus its unused default state, which the engine allocates too (float32, "
-                           "engine sharding); optimizer and Fisher belong to different stages "
+                           "accumulator (float32, engine sharding; the default state is never allocated); optimizer and Fisher belong to different stages "
                            "(importance, train) and are counted together",
                            f"{name}: train loss npo keeps a frozen copy of this rank's adapter shard (FrozenAdapter); "
                            "gd / ihl keep none",

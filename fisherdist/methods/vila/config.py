@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fisherdist.config import DataFile, DataKeys, Section
 from fisherdist.eval.tofu import TofuSettings
@@ -59,3 +59,22 @@ class VilaConfig(LoraRunConfig):
     importance: ImportanceSettings = Field(default_factory=ImportanceSettings)
     train: VilaTrain = Field(default_factory=VilaTrain)
     eval: VilaEval = Field(default_factory=VilaEval)
+    per_method: dict[Literal["vila", "fila"], dict[str, Any]] = Field(
+        default_factory=dict, description="train: keys tuned per method (e.g. its lr, bench/vila_sweep.py); "
+        "a key set under train: itself, in the file or on the command line, wins")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_method_train(cls, data: Any) -> Any:
+        """Fill the train: keys left unset from per_method.<method>: each method keeps its own tuned lr when
+        one recipe serves both (``method=fila`` on the command line), and an explicit train: key still wins."""
+        if not isinstance(data, dict) or not isinstance(data.get("per_method"), dict):
+            return data
+        for name, keys in data["per_method"].items():
+            unknown = sorted(set(keys) - set(VilaTrain.model_fields)) if isinstance(keys, dict) else []
+            if unknown:
+                raise ValueError(f"per_method.{name}: {unknown} are not keys of train:")
+        chosen, train = data["per_method"].get(data.get("method", "vila")) or {}, data.get("train") or {}
+        if not isinstance(chosen, dict) or not isinstance(train, dict):
+            return data  # the field validators name the bad section
+        return {**data, "train": {**chosen, **train}}
