@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fisherdist.optim import adam, natural, owners, subspace
+from fisherdist.optim.batching import batches
 from fisherdist.optim.layout import Layout, local
 from fisherdist.optim.state import StateParts, init_state, state_bytes
 from fisherdist.optim.validate import check_group, check_options, resolve_owner_mode
@@ -45,6 +46,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.layerwise = layerwise
         self._grams: dict[int, torch.Tensor] = {}
         self._scratch: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._mirrors: dict[int, list[tuple[torch.Tensor, int]]] = {}
         super().__init__(params, defaults)
         for group in self.param_groups:
             check_group(group)
@@ -109,28 +111,50 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _low_rank_step(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict[str, Any],
                        states: list[dict[str, Any]], steps: list[int]) -> None:
-        """Per matrix: project (refreshing the projector every ``update_proj_gap`` steps), precondition, Adam
-        into a zeroed buffer (which then holds -step size * m / (sqrt(v) + eps)), and add that, projected
-        back, to the weight with one ``addmm_`` (``scale`` as alpha). Temporaries live in reused buffers."""
-        gap = int(group.get("update_proj_gap", 200))
-        for p, grad, state, step in zip(params, grads, states, steps):
-            layout = Layout.of(p)
-            side = subspace.side_of(group.get("proj_type", "std"), layout.shape)
+        """Per batch of same-shape matrices (``_batches``): project (refreshing the projector every
+        ``update_proj_gap`` steps), precondition, Adam into a zeroed buffer (which then holds -step size *
+        m / (sqrt(v) + eps)), and add that, projected back, to each weight with one ``addmm_`` (``scale``
+        as alpha). Temporaries live in reused buffers."""
+        gap, scale = int(group.get("update_proj_gap", 200)), float(group.get("scale", 1.0))
+        side_of = group.get("proj_type", "std")
+        layouts = [Layout.of(p) for p in params]
+        sides = [subspace.side_of(side_of, layout.shape) for layout in layouts]
+        for batch in batches(grads, layouts, sides, steps, int(group["rank"]), int(group["history"])):
+            layout, side, step = layouts[batch[0]], sides[batch[0]], steps[batch[0]]
             if (step - 1) % gap == 0:
-                self._refresh(p, grad, group, self.state[p], layout, side, step - 1)
-            proj = local(state["projector"])
-            shape = (grad.shape[0], proj.shape[0]) if side == "right" else (proj.shape[1], grad.shape[1])
+                for i in batch:
+                    self._refresh(params[i], grads[i], group, self.state[params[i]], layout, side, step - 1)
+            projs = [local(states[i]["projector"]) for i in batch]
+            window = local(states[batch[0]]["history"]).shape[0] if "history" in states[batch[0]] else 0
+            wide = self._project([grads[i] for i in batch], projs, side, layout, window)
+            if window:
+                self._natural([params[i] for i in batch], wide, group, layout, step - 1, gap)
+            lows = wide[:, window]
+            updates = self._buffer("update", tuple(lows.shape), lows).zero_()
+            adam.apply(list(updates.unbind(0)), list(lows.unbind(0)), [states[i] for i in batch], group,
+                       [step] * len(batch))
+            for i, update, proj in zip(batch, updates.unbind(0), projs):
+                if side == "left":
+                    update = layout.gather_columns(update, layout.shape[1])
+                subspace.add_back(local(params[i]), update, proj, side, scale)
+
+    def _project(self, grads: list[torch.Tensor], projs: list[torch.Tensor], side: str, layout: Layout,
+                 window: int) -> torch.Tensor:
+        """A k x (window + 1) x low shape buffer whose last row holds the batch's low-rank gradients (the
+        rows before it take Natural GaLore's widened windows); a sharded ``left`` one keeps this rank's
+        column slice."""
+        proj, grad = projs[0], grads[0]
+        shape = (grad.shape[0], proj.shape[0]) if side == "right" else (proj.shape[1], grad.shape[1])
+        if side == "left" and layout.sharded:
             low = subspace.project(grad, proj, side, layout, self._buffer("low", shape, grad))
-            if side == "left" and layout.sharded:
-                start, end = layout.columns(low.shape[-1])
-                low = low[:, start:end].contiguous()
-            if "history" in state:
-                low = self._natural(p, low, group, state, layout, step - 1, gap)
-            update = self._buffer("update", low.shape, low).zero_()
-            adam.apply([update], [low], [state], group, [step])
-            if side == "left":
-                update = layout.gather_columns(update, layout.shape[1])
-            subspace.add_back(local(p), update, proj, side, float(group.get("scale", 1.0)))
+            start, end = layout.columns(shape[1])
+            out = self._buffer("wide", (1, window + 1, shape[0], end - start), grad)
+            out[0, window].copy_(low[:, start:end])
+            return out
+        out = self._buffer("wide", (len(grads), window + 1, *shape), grad)
+        for g, p, row in zip(grads, projs, out[:, window].unbind(0)):
+            subspace.project(g, p, side, layout, row)
+        return out
 
     def _buffer(self, kind: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A scratch tensor reused across matrices and steps (not state: never checkpointed)."""
@@ -150,20 +174,25 @@ class GaLoreAdamW(torch.optim.Optimizer):
             local(state["history"]).zero_()
             self._grams.pop(id(param), None)
 
-    def _natural(self, param: torch.Tensor, low: torch.Tensor, group: dict[str, Any], state: dict[str, Any],
-                 layout: Layout, step: int, gap: int) -> torch.Tensor:
-        hist = local(state["history"])
-        if id(param) not in self._grams:
-            self._grams[id(param)] = natural.gram_of(hist, layout, low.dtype)
-        slot = (step % gap if self.options["reset_history"] else step) % hist.shape[0]
-        scratch = self._buffer("window", hist.shape, low) if hist.dtype != low.dtype else None
-        return natural.natural_step_(low, hist, self._grams[id(param)], slot, float(group["damping"]), layout,
-                                     scratch)
+    def _natural(self, params: list[torch.Tensor], wide: torch.Tensor, group: dict[str, Any], layout: Layout,
+                 step: int, gap: int) -> None:
+        """Natural GaLore's window step for a batch, in place on the gradients in ``wide``'s last row."""
+        hists = [local(self.state[p]["history"]) for p in params]
+        for p, hist in zip(params, hists):
+            if id(p) not in self._grams:
+                self._grams[id(p)] = natural.gram_of(hist, layout, wide.dtype)
+        slot = (step % gap if self.options["reset_history"] else step) % hists[0].shape[0]
+        mirror = self._mirrors.get(id(wide), [])  # the windows ``wide`` was last widened from, and their versions
+        widened = len(mirror) == len(hists) and all(a is h and v == h._version for (a, v), h in zip(mirror, hists))
+        natural.natural_steps_(wide, hists, [self._grams[id(p)] for p in params], slot, float(group["damping"]),
+                               layout.reduce, widened)
+        self._mirrors[id(wide)] = [(h, h._version) for h in hists]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch casts floating state to the parameter dtype on load: put the history back in its own dtype."""
         super().load_state_dict(state_dict)
         self._grams.clear()
+        self._mirrors.clear()
         dtype = self.options["history_dtype"]
         for state in self.state.values():
             if "history" in state and dtype is not None:
