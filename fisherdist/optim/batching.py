@@ -33,3 +33,37 @@ def batches(grads: Sequence[torch.Tensor], layouts: Sequence[Layout], sides: Seq
         per = max(1, BATCH_BYTES // size)
         out += [members[start: start + per] for start in range(0, len(members), per)]
     return out
+
+
+class Scratch:
+    """One batch's reused buffers (not state: never checkpointed) and views of them, made once.
+
+    ``wide`` is k x (s + 1) x low shape: rows 0..s-1 take the widened windows of Natural GaLore (none for
+    GaLore), row s the low-rank gradients; ``update`` receives Adam's step. ``seen`` records the windows
+    ``wide`` was filled from (with their version counters) and ``gram`` their Gram matrices, so the next
+    step of the same batch reuses both while no window has changed since.
+    """
+
+    def __init__(self, k: int, s: int, shape: tuple[int, ...], like: torch.Tensor) -> None:
+        self.wide = torch.empty((k, s + 1, *shape), dtype=like.dtype, device=like.device)
+        self.update = torch.empty((k, *shape), dtype=like.dtype, device=like.device)
+        self.lows, self.updates = list(self.wide[:, s].unbind(0)), list(self.update.unbind(0))
+        flat = self.wide.view(k, s + 1, -1)
+        self.flat, self.window, self.grad = flat, flat[:, :s], flat[:, s:]
+        self.window_t = self.window.transpose(1, 2)
+        self.windows = list(self.wide[:, :s].unbind(0))
+        self.slot_rows = [list(self.wide[:, j].unbind(0)) for j in range(s)]
+        self.pairs = [flat[:, j::s - j] for j in range(s)]  # slot j's row and the gradient, as a view
+        self.seen: list[tuple[torch.Tensor, int]] = []
+        self.gram: torch.Tensor | None = None
+
+    def holds(self, hists: Sequence[torch.Tensor]) -> bool:
+        """Whether ``wide`` and ``gram`` still mirror exactly these windows (same tensors, unmodified)."""
+        seen = self.seen
+        return len(seen) == len(hists) and all(a is h and v == h._version for (a, v), h in zip(seen, hists))
+
+    def remember(self, hists: Sequence[torch.Tensor], gram: torch.Tensor) -> None:
+        self.seen, self.gram = [(h, h._version) for h in hists], gram
+
+    def forget(self) -> None:
+        self.seen, self.gram = [], None

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fisherdist.optim import adam, natural, owners, subspace
-from fisherdist.optim.batching import batches
+from fisherdist.optim.batching import Scratch, batches
 from fisherdist.optim.layout import Layout, local
 from fisherdist.optim.state import StateParts, init_state, state_bytes
 from fisherdist.optim.validate import check_group, check_options, resolve_owner_mode
@@ -44,9 +44,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         check_options(self.options, layerwise, grad_accumulation, max_grad_norm)
         self.max_grad_norm = max_grad_norm
         self.layerwise = layerwise
-        self._grams: dict[int, torch.Tensor] = {}
         self._scratch: dict[tuple[Any, ...], torch.Tensor] = {}
-        self._mirrors: dict[int, list[tuple[torch.Tensor, int]]] = {}
+        self._batches: dict[tuple[Any, ...], Scratch] = {}
         super().__init__(params, defaults)
         for group in self.param_groups:
             check_group(group)
@@ -126,35 +125,39 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     self._refresh(params[i], grads[i], group, self.state[params[i]], layout, side, step - 1)
             projs = [local(states[i]["projector"]) for i in batch]
             window = local(states[batch[0]]["history"]).shape[0] if "history" in states[batch[0]] else 0
-            wide = self._project([grads[i] for i in batch], projs, side, layout, window)
+            scratch = self._project([grads[i] for i in batch], projs, side, layout, window)
             if window:
-                self._natural([params[i] for i in batch], wide, group, layout, step - 1, gap)
-            lows = wide[:, window]
-            updates = self._buffer("update", tuple(lows.shape), lows).zero_()
-            adam.apply(list(updates.unbind(0)), list(lows.unbind(0)), [states[i] for i in batch], group,
-                       [step] * len(batch))
-            for i, update, proj in zip(batch, updates.unbind(0), projs):
+                self._natural([params[i] for i in batch], scratch, group, layout, step - 1, gap)
+            scratch.update.zero_()
+            adam.apply(scratch.updates, scratch.lows, [states[i] for i in batch], group, [step] * len(batch))
+            for i, update, proj in zip(batch, scratch.updates, projs):
                 if side == "left":
                     update = layout.gather_columns(update, layout.shape[1])
                 subspace.add_back(local(params[i]), update, proj, side, scale)
 
     def _project(self, grads: list[torch.Tensor], projs: list[torch.Tensor], side: str, layout: Layout,
-                 window: int) -> torch.Tensor:
-        """A k x (window + 1) x low shape buffer whose last row holds the batch's low-rank gradients (the
-        rows before it take Natural GaLore's widened windows); a sharded ``left`` one keeps this rank's
+                 window: int) -> Scratch:
+        """The batch's scratch, holding its low-rank gradients; a sharded ``left`` one keeps this rank's
         column slice."""
         proj, grad = projs[0], grads[0]
         shape = (grad.shape[0], proj.shape[0]) if side == "right" else (proj.shape[1], grad.shape[1])
         if side == "left" and layout.sharded:
             low = subspace.project(grad, proj, side, layout, self._buffer("low", shape, grad))
             start, end = layout.columns(shape[1])
-            out = self._buffer("wide", (1, window + 1, shape[0], end - start), grad)
-            out[0, window].copy_(low[:, start:end])
-            return out
-        out = self._buffer("wide", (len(grads), window + 1, *shape), grad)
-        for g, p, row in zip(grads, projs, out[:, window].unbind(0)):
+            scratch = self._batch_scratch(1, window, (shape[0], end - start), grad)
+            scratch.lows[0].copy_(low[:, start:end])
+            return scratch
+        scratch = self._batch_scratch(len(grads), window, shape, grad)
+        for g, p, row in zip(grads, projs, scratch.lows):
             subspace.project(g, p, side, layout, row)
-        return out
+        return scratch
+
+    def _batch_scratch(self, k: int, window: int, shape: tuple[int, ...], like: torch.Tensor) -> Scratch:
+        """The reused buffers of a batch of ``k`` matrices of low-rank shape ``shape``."""
+        key = (k, window, shape, like.dtype, like.device)
+        if key not in self._batches:
+            self._batches[key] = Scratch(k, window, shape, like)
+        return self._batches[key]
 
     def _buffer(self, kind: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A scratch tensor reused across matrices and steps (not state: never checkpointed)."""
@@ -165,34 +168,26 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _refresh(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any],
                  layout: Layout, side: str, step: int) -> None:
-        """A new projector from this gradient; the window (and its Gram cache) restart empty."""
+        """A new projector from this gradient; the window restarts empty (which makes its Gram cache stale)."""
         seed = hash((self.options["seed"], self._index[id(param)], step)) & (2 ** 62 - 1)
         sketch = (int(self.options["oversample"]), int(self.options["power_iters"]), seed)
         local(state["projector"]).copy_(subspace.refresh(grad, layout, side, int(group["rank"]),
                                                          str(self.options["subspace"]), sketch))
         if self.options["reset_history"] and "history" in state:
             local(state["history"]).zero_()
-            self._grams.pop(id(param), None)
 
-    def _natural(self, params: list[torch.Tensor], wide: torch.Tensor, group: dict[str, Any], layout: Layout,
+    def _natural(self, params: list[torch.Tensor], scratch: Scratch, group: dict[str, Any], layout: Layout,
                  step: int, gap: int) -> None:
-        """Natural GaLore's window step for a batch, in place on the gradients in ``wide``'s last row."""
+        """Natural GaLore's window step for a batch, in place on its low-rank gradients in ``scratch``."""
         hists = [local(self.state[p]["history"]) for p in params]
-        for p, hist in zip(params, hists):
-            if id(p) not in self._grams:
-                self._grams[id(p)] = natural.gram_of(hist, layout, wide.dtype)
         slot = (step % gap if self.options["reset_history"] else step) % hists[0].shape[0]
-        mirror = self._mirrors.get(id(wide), [])  # the windows ``wide`` was last widened from, and their versions
-        widened = len(mirror) == len(hists) and all(a is h and v == h._version for (a, v), h in zip(mirror, hists))
-        natural.natural_steps_(wide, hists, [self._grams[id(p)] for p in params], slot, float(group["damping"]),
-                               layout.reduce, widened)
-        self._mirrors[id(wide)] = [(h, h._version) for h in hists]
+        natural.natural_steps_(scratch, hists, slot, float(group["damping"]), layout.reduce)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch casts floating state to the parameter dtype on load: put the history back in its own dtype."""
         super().load_state_dict(state_dict)
-        self._grams.clear()
-        self._mirrors.clear()
+        for scratch in self._batches.values():
+            scratch.forget()
         dtype = self.options["history_dtype"]
         for state in self.state.values():
             if "history" in state and dtype is not None:
@@ -200,7 +195,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def state_bytes(self) -> StateParts:
         """This rank's optimizer-state bytes by part: moments, projectors, history."""
-        return state_bytes(self.state.values(), self._grams.values())
+        return state_bytes(self.state.values(), [b.gram for b in self._batches.values() if b.gram is not None])
 
 
 class NaturalGaLoreAdamW(GaLoreAdamW):
