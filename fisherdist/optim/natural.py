@@ -50,7 +50,7 @@ def woodbury_(g: torch.Tensor, flat: torch.Tensor, gram: torch.Tensor, hist_g: t
 def natural_step(low: torch.Tensor, hist: torch.Tensor, gram: torch.Tensor, slot: int, damping: float,
                  layout: Layout) -> torch.Tensor:
     """Write ``low`` into window slot ``slot``, update ``gram`` (H H^T), return F^-1 low (``low``'s shape)."""
-    scratch = Scratch(1, hist.shape[0], tuple(low.shape), low)
+    scratch = Scratch(hist.shape[0], [tuple(low.shape)], low)
     scratch.lows[0].copy_(low)
     gram.copy_(natural_steps_(scratch, [hist], slot, damping, layout.reduce)[0])
     return scratch.lows[0].clone()
@@ -75,7 +75,7 @@ def natural_steps_(scratch: Scratch, hists: Sequence[torch.Tensor], slot: int, d
         torch._foreach_copy_(scratch.windows, list(hists))
     else:
         torch._foreach_copy_(scratch.slot_rows[slot], slots)
-    rows = scratch.flat if gram is None else scratch.pairs[slot]
+    rows = scratch.wide if gram is None else scratch.pairs[slot]
     products = reduce(torch.bmm(rows, scratch.window_t)).double()  # Gram rows, then H g
     if gram is None:
         gram = products[:, :s].clone()

@@ -115,48 +115,49 @@ class GaLoreAdamW(torch.optim.Optimizer):
         m / (sqrt(v) + eps)), and add that, projected back, to each weight with one ``addmm_`` (``scale``
         as alpha). Temporaries live in reused buffers."""
         gap, scale = int(group.get("update_proj_gap", 200)), float(group.get("scale", 1.0))
-        side_of = group.get("proj_type", "std")
+        proj_type = group.get("proj_type", "std")
         layouts = [Layout.of(p) for p in params]
-        sides = [subspace.side_of(side_of, layout.shape) for layout in layouts]
+        sides = [subspace.side_of(proj_type, layout.shape) for layout in layouts]
         for batch in batches(grads, layouts, sides, steps, int(group["rank"]), int(group["history"])):
-            layout, side, step = layouts[batch[0]], sides[batch[0]], steps[batch[0]]
+            step = steps[batch[0]]
             if (step - 1) % gap == 0:
                 for i in batch:
-                    self._refresh(params[i], grads[i], group, self.state[params[i]], layout, side, step - 1)
+                    self._refresh(params[i], grads[i], group, self.state[params[i]], layouts[i], sides[i], step - 1)
             projs = [local(states[i]["projector"]) for i in batch]
             window = local(states[batch[0]]["history"]).shape[0] if "history" in states[batch[0]] else 0
-            scratch = self._project([grads[i] for i in batch], projs, side, layout, window)
+            scratch = self._project([grads[i] for i in batch], projs, [sides[i] for i in batch],
+                                    layouts[batch[0]], window)
             if window:
-                self._natural([params[i] for i in batch], scratch, group, layout, step - 1, gap)
+                self._natural([params[i] for i in batch], scratch, group, layouts[batch[0]], step - 1, gap)
             scratch.update.zero_()
             adam.apply(scratch.updates, scratch.lows, [states[i] for i in batch], group, [step] * len(batch))
             for i, update, proj in zip(batch, scratch.updates, projs):
-                if side == "left":
-                    update = layout.gather_columns(update, layout.shape[1])
-                subspace.add_back(local(params[i]), update, proj, side, scale)
+                if sides[i] == "left":
+                    update = layouts[i].gather_columns(update, layouts[i].shape[1])
+                subspace.add_back(local(params[i]), update, proj, sides[i], scale)
 
-    def _project(self, grads: list[torch.Tensor], projs: list[torch.Tensor], side: str, layout: Layout,
+    def _project(self, grads: list[torch.Tensor], projs: list[torch.Tensor], sides: list[str], layout: Layout,
                  window: int) -> Scratch:
-        """The batch's scratch, holding its low-rank gradients; a sharded ``left`` one keeps this rank's
-        column slice."""
-        proj, grad = projs[0], grads[0]
-        shape = (grad.shape[0], proj.shape[0]) if side == "right" else (proj.shape[1], grad.shape[1])
-        if side == "left" and layout.sharded:
-            low = subspace.project(grad, proj, side, layout, self._buffer("low", shape, grad))
-            start, end = layout.columns(shape[1])
-            scratch = self._batch_scratch(1, window, (shape[0], end - start), grad)
+        """The batch's scratch, holding its low-rank gradients (``layout``: the batch's, whole matrices or
+        one row-sharded one); a sharded ``left`` one keeps this rank's column slice."""
+        shapes = [(g.shape[0], p.shape[0]) if side == "right" else (p.shape[1], g.shape[1])
+                  for g, p, side in zip(grads, projs, sides)]
+        if sides[0] == "left" and layout.sharded:
+            low = subspace.project(grads[0], projs[0], "left", layout, self._buffer("low", shapes[0], grads[0]))
+            start, end = layout.columns(shapes[0][1])
+            scratch = self._batch_scratch(window, [(shapes[0][0], end - start)], grads[0])
             scratch.lows[0].copy_(low[:, start:end])
             return scratch
-        scratch = self._batch_scratch(len(grads), window, shape, grad)
-        for g, p, row in zip(grads, projs, scratch.lows):
+        scratch = self._batch_scratch(window, shapes, grads[0])
+        for g, p, side, row in zip(grads, projs, sides, scratch.lows):
             subspace.project(g, p, side, layout, row)
         return scratch
 
-    def _batch_scratch(self, k: int, window: int, shape: tuple[int, ...], like: torch.Tensor) -> Scratch:
-        """The reused buffers of a batch of ``k`` matrices of low-rank shape ``shape``."""
-        key = (k, window, shape, like.dtype, like.device)
+    def _batch_scratch(self, window: int, shapes: list[tuple[int, int]], like: torch.Tensor) -> Scratch:
+        """The reused buffers of a batch of matrices whose low-rank gradients have ``shapes``."""
+        key = (window, tuple(shapes), like.dtype, like.device)
         if key not in self._batches:
-            self._batches[key] = Scratch(k, window, shape, like)
+            self._batches[key] = Scratch(window, shapes, like)
         return self._batches[key]
 
     def _buffer(self, kind: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
