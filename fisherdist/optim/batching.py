@@ -49,9 +49,8 @@ class Scratch:
 
     ``wide`` is k x (s + 1) x d: rows 0..s-1 take the widened windows of Natural GaLore (none for GaLore),
     row s the low-rank gradients (each matrix's of its own shape, d elements); ``update`` receives Adam's
-    step. ``seen`` records the windows
-    ``wide`` was filled from (with their version counters) and ``gram`` their Gram matrices, so the next
-    step of the same batch reuses both while no window has changed since.
+    step. ``seen`` records the windows ``wide`` was filled from (with their version counters) and ``gram``
+    their Gram matrices, so the next step of the same batch reuses both while no window has changed since.
     """
 
     def __init__(self, s: int, shapes: Sequence[tuple[int, ...]], like: torch.Tensor) -> None:

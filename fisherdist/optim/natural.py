@@ -58,7 +58,7 @@ def natural_step(low: torch.Tensor, hist: torch.Tensor, gram: torch.Tensor, slot
 
 def natural_steps_(scratch: Scratch, hists: Sequence[torch.Tensor], slot: int, damping: float,
                    reduce: Reduce) -> torch.Tensor:
-    """``natural_step`` for the k matrices of one shape in ``scratch``, in place on ``scratch.lows``;
+    """``natural_step`` for the k matrices of a batch (``scratch``), in place on ``scratch.lows``;
     returns (and remembers) the updated k x s x s Gram matrices (float64, summed over shards).
 
     Unless ``scratch`` still holds these windows (``Scratch.holds``), they are widened into it to the

@@ -110,10 +110,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _low_rank_step(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict[str, Any],
                        states: list[dict[str, Any]], steps: list[int]) -> None:
-        """Per batch of same-shape matrices (``_batches``): project (refreshing the projector every
-        ``update_proj_gap`` steps), precondition, Adam into a zeroed buffer (which then holds -step size *
-        m / (sqrt(v) + eps)), and add that, projected back, to each weight with one ``addmm_`` (``scale``
-        as alpha). Temporaries live in reused buffers."""
+        """Per batch (``batching.batches``: whole matrices whose low-rank gradients have as many elements, or
+        one row-sharded matrix): project (refreshing the projector every ``update_proj_gap`` steps),
+        precondition, Adam into a zeroed buffer (which then holds -step size * m / (sqrt(v) + eps)), and add
+        that, projected back, to each weight with one ``addmm_`` (``scale`` as alpha). Temporaries live in
+        reused buffers."""
         gap, scale = int(group.get("update_proj_gap", 200)), float(group.get("scale", 1.0))
         proj_type = group.get("proj_type", "std")
         layouts = [Layout.of(p) for p in params]
