@@ -5,11 +5,11 @@ The window is a ring buffer of s slots, zero while unfilled: a zero slot adds a 
 s x s system, which leaves the solution unchanged, so shapes never depend on how full the window is.
 The Gram matrix G^T G is kept between steps and only the new slot's row is computed (s inner products,
 summed over shards), so a step costs 2*s*d flops instead of s^2*d; it is recomputed whole only when the
-window changed behind its back (a refresh, a checkpoint load).
+window changed behind its back (a refresh, a checkpoint load, a scratch buffer shared with another batch).
 
-Everything runs on a *batch* of k matrices of one shape at once (bmm, batched Cholesky): on small
-matrices the ~20 torch calls of a step cost far more than their arithmetic, so paying them once per
-shape instead of once per matrix is what makes the step cheap. Each matrix keeps its own window
+Everything runs on a *batch* of k matrices with d-element low-rank gradients at once (bmm, one batched
+float64 solve): on small matrices the ~20 torch calls of a step cost far more than their arithmetic, so
+paying them once per batch instead of once per matrix is what makes the step cheap. Each matrix keeps its own window
 (optimizer state stays per parameter); the batch's windows are widened into a scratch buffer that the
 optimizer reuses, with the batch's Gram matrices, for as long as the windows are left unchanged.
 """
