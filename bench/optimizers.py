@@ -61,7 +61,9 @@ def galore_groups(model: torch.nn.Module, rank: int) -> list[dict[str, Any]]:
 
 
 def make_optimizer(name: str, model: torch.nn.Module, rank: int) -> torch.optim.Optimizer:
-    """``adamw``, ``galore_torch``, ``galore``, ``natural``; a ``_randomized`` suffix picks GaLore 2's subspace."""
+    """``adamw``, ``galore_torch``, ``galore``, ``natural`` (window in ``history_dtype``), ``natural_fp32``
+    (window in the gradients' dtype, as configs/pretrain/tiny.yaml); a ``_randomized`` suffix picks GaLore 2's
+    subspace."""
     import fisherdist.optim as ours
 
     lr = SETTINGS["galore_lr"]
@@ -77,9 +79,9 @@ def make_optimizer(name: str, model: torch.nn.Module, rank: int) -> torch.optim.
         return GaLoreAdamW(galore_groups(model, rank), lr=lr, no_deprecation_warning=True)
     if name == "galore":
         return ours.GaLoreAdamW(galore_groups(model, rank), lr=lr)
+    window = None if name == "natural_fp32" else getattr(torch, SETTINGS["history_dtype"])  # fp32: the recipes'
     return ours.NaturalGaLoreAdamW(galore_groups(model, rank), lr=lr, history=SETTINGS["history"],
-                                   damping=SETTINGS["damping"],
-                                   history_dtype=getattr(torch, SETTINGS["history_dtype"]))
+                                   damping=SETTINGS["damping"], history_dtype=window)
 
 
 def state_parts(opt: torch.optim.Optimizer) -> dict[str, int]:
@@ -271,7 +273,8 @@ def main() -> None:
             ("natural_equal_bytes", eq_rank)]
     curves = {label: curve(label.replace("_equal_bytes", ""), rank, train, heldout) for label, rank in runs}
     timed = [(label, label.replace("_equal_bytes", ""), rank) for label, rank in runs] + \
-        [("galore_randomized", "galore_randomized", r), ("natural_equal_bytes_randomized", "natural_randomized", eq_rank)]
+        [("galore_randomized", "galore_randomized", r), ("natural_equal_bytes_randomized", "natural_randomized", eq_rank),
+         ("natural_recipe_tiny", "natural_fp32", 32)]  # configs/pretrain/tiny.yaml: rank 32, s = 4, fp32 window
     times = timing(timed, args.reps, args.refresh_reps)
     ranks2 = run_distributed(ranked, 2, 10, 21, timeout=1800)
     adamw_bytes = sum(curves["adamw"]["state_bytes"].values())

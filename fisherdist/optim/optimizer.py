@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fisherdist.optim import adam, natural, owners, subspace
+from fisherdist.optim.batching import Scratch, batches
 from fisherdist.optim.layout import Layout, local
 from fisherdist.optim.state import StateParts, init_state, state_bytes
 from fisherdist.optim.validate import check_group, check_options, resolve_owner_mode
@@ -43,8 +44,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         check_options(self.options, layerwise, grad_accumulation, max_grad_norm)
         self.max_grad_norm = max_grad_norm
         self.layerwise = layerwise
-        self._grams: dict[int, torch.Tensor] = {}
         self._scratch: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._batches: dict[tuple[Any, ...], Scratch] = {}
         super().__init__(params, defaults)
         for group in self.param_groups:
             check_group(group)
@@ -109,28 +110,56 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _low_rank_step(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict[str, Any],
                        states: list[dict[str, Any]], steps: list[int]) -> None:
-        """Per matrix: project (refreshing the projector every ``update_proj_gap`` steps), precondition, Adam
-        into a zeroed buffer (which then holds -step size * m / (sqrt(v) + eps)), and add that, projected
-        back, to the weight with one ``addmm_`` (``scale`` as alpha). Temporaries live in reused buffers."""
-        gap = int(group.get("update_proj_gap", 200))
-        for p, grad, state, step in zip(params, grads, states, steps):
-            layout = Layout.of(p)
-            side = subspace.side_of(group.get("proj_type", "std"), layout.shape)
+        """Per batch (``batching.batches``: whole matrices whose low-rank gradients have as many elements, or
+        one row-sharded matrix): project (refreshing the projector every ``update_proj_gap`` steps),
+        precondition, Adam into a zeroed buffer (which then holds -step size * m / (sqrt(v) + eps)), and add
+        that, projected back, to each weight with one ``addmm_`` (``scale`` as alpha). Temporaries live in
+        reused buffers."""
+        gap, scale = int(group.get("update_proj_gap", 200)), float(group.get("scale", 1.0))
+        proj_type = group.get("proj_type", "std")
+        layouts = [Layout.of(p) for p in params]
+        sides = [subspace.side_of(proj_type, layout.shape) for layout in layouts]
+        for batch in batches(grads, layouts, sides, steps, int(group["rank"]), int(group["history"])):
+            step = steps[batch[0]]
             if (step - 1) % gap == 0:
-                self._refresh(p, grad, group, self.state[p], layout, side, step - 1)
-            proj = local(state["projector"])
-            shape = (grad.shape[0], proj.shape[0]) if side == "right" else (proj.shape[1], grad.shape[1])
-            low = subspace.project(grad, proj, side, layout, self._buffer("low", shape, grad))
-            if side == "left" and layout.sharded:
-                start, end = layout.columns(low.shape[-1])
-                low = low[:, start:end].contiguous()
-            if "history" in state:
-                low = self._natural(p, low, group, state, layout, step - 1, gap)
-            update = self._buffer("update", low.shape, low).zero_()
-            adam.apply([update], [low], [state], group, [step])
-            if side == "left":
-                update = layout.gather_columns(update, layout.shape[1])
-            subspace.add_back(local(p), update, proj, side, float(group.get("scale", 1.0)))
+                for i in batch:
+                    self._refresh(params[i], grads[i], group, self.state[params[i]], layouts[i], sides[i], step - 1)
+            projs = [local(states[i]["projector"]) for i in batch]
+            window = local(states[batch[0]]["history"]).shape[0] if "history" in states[batch[0]] else 0
+            scratch = self._project([grads[i] for i in batch], projs, [sides[i] for i in batch],
+                                    layouts[batch[0]], window)
+            if window:
+                self._natural([params[i] for i in batch], scratch, group, layouts[batch[0]], step - 1, gap)
+            scratch.update.zero_()
+            adam.apply(scratch.updates, scratch.lows, [states[i] for i in batch], group, [step] * len(batch))
+            for i, update, proj in zip(batch, scratch.updates, projs):
+                if sides[i] == "left":
+                    update = layouts[i].gather_columns(update, layouts[i].shape[1])
+                subspace.add_back(local(params[i]), update, proj, sides[i], scale)
+
+    def _project(self, grads: list[torch.Tensor], projs: list[torch.Tensor], sides: list[str], layout: Layout,
+                 window: int) -> Scratch:
+        """The batch's scratch, holding its low-rank gradients (``layout``: the batch's, whole matrices or
+        one row-sharded one); a sharded ``left`` one keeps this rank's column slice."""
+        shapes = [(g.shape[0], p.shape[0]) if side == "right" else (p.shape[1], g.shape[1])
+                  for g, p, side in zip(grads, projs, sides)]
+        if sides[0] == "left" and layout.sharded:
+            low = subspace.project(grads[0], projs[0], "left", layout, self._buffer("low", shapes[0], grads[0]))
+            start, end = layout.columns(shapes[0][1])
+            scratch = self._batch_scratch(window, [(shapes[0][0], end - start)], grads[0])
+            scratch.lows[0].copy_(low[:, start:end])
+            return scratch
+        scratch = self._batch_scratch(window, shapes, grads[0])
+        for g, p, side, row in zip(grads, projs, sides, scratch.lows):
+            subspace.project(g, p, side, layout, row)
+        return scratch
+
+    def _batch_scratch(self, window: int, shapes: list[tuple[int, int]], like: torch.Tensor) -> Scratch:
+        """The reused buffers of a batch of matrices whose low-rank gradients have ``shapes``."""
+        key = (window, tuple(shapes), like.dtype, like.device)
+        if key not in self._batches:
+            self._batches[key] = Scratch(window, shapes, like)
+        return self._batches[key]
 
     def _buffer(self, kind: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A scratch tensor reused across matrices and steps (not state: never checkpointed)."""
@@ -141,29 +170,26 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _refresh(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any],
                  layout: Layout, side: str, step: int) -> None:
-        """A new projector from this gradient; the window (and its Gram cache) restart empty."""
+        """A new projector from this gradient; the window restarts empty (which makes its Gram cache stale)."""
         seed = hash((self.options["seed"], self._index[id(param)], step)) & (2 ** 62 - 1)
         sketch = (int(self.options["oversample"]), int(self.options["power_iters"]), seed)
         local(state["projector"]).copy_(subspace.refresh(grad, layout, side, int(group["rank"]),
                                                          str(self.options["subspace"]), sketch))
         if self.options["reset_history"] and "history" in state:
             local(state["history"]).zero_()
-            self._grams.pop(id(param), None)
 
-    def _natural(self, param: torch.Tensor, low: torch.Tensor, group: dict[str, Any], state: dict[str, Any],
-                 layout: Layout, step: int, gap: int) -> torch.Tensor:
-        hist = local(state["history"])
-        if id(param) not in self._grams:
-            self._grams[id(param)] = natural.gram_of(hist, layout, low.dtype)
-        slot = (step % gap if self.options["reset_history"] else step) % hist.shape[0]
-        scratch = self._buffer("window", hist.shape, low) if hist.dtype != low.dtype else None
-        return natural.natural_step_(low, hist, self._grams[id(param)], slot, float(group["damping"]), layout,
-                                     scratch)
+    def _natural(self, params: list[torch.Tensor], scratch: Scratch, group: dict[str, Any], layout: Layout,
+                 step: int, gap: int) -> None:
+        """Natural GaLore's window step for a batch, in place on its low-rank gradients in ``scratch``."""
+        hists = [local(self.state[p]["history"]) for p in params]
+        slot = (step % gap if self.options["reset_history"] else step) % hists[0].shape[0]
+        natural.natural_steps_(scratch, hists, slot, float(group["damping"]), layout.reduce)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch casts floating state to the parameter dtype on load: put the history back in its own dtype."""
         super().load_state_dict(state_dict)
-        self._grams.clear()
+        for scratch in self._batches.values():
+            scratch.forget()
         dtype = self.options["history_dtype"]
         for state in self.state.values():
             if "history" in state and dtype is not None:
@@ -171,7 +197,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def state_bytes(self) -> StateParts:
         """This rank's optimizer-state bytes by part: moments, projectors, history."""
-        return state_bytes(self.state.values(), self._grams.values())
+        return state_bytes(self.state.values(), [b.gram for b in self._batches.values() if b.gram is not None])
 
 
 class NaturalGaLoreAdamW(GaLoreAdamW):
