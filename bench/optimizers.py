@@ -210,7 +210,7 @@ def timing(names: list[tuple[str, str, int]], reps: int, refresh_reps: int) -> d
     for label, s in samples.items():
         med = {k: statistics.median(v) for k, v in s.items()}
         out[label] = {"normal_wall_s": med["wall"], "normal_cpu_s": med["cpu"], "refresh_wall_s": med["rwall"],
-                      "refresh_cpu_s": med["rcpu"]}
+                      "refresh_cpu_s": med["rcpu"], "state_bytes": sum(state_parts(runs[label][1]).values())}
     return out
 
 
@@ -222,8 +222,10 @@ def targets(curves: dict[str, dict[str, Any]], times: dict[str, dict[str, float]
     out: dict[str, Any] = {
         "natural_equal_bytes_beats_galore": {"natural": eq["heldout_loss"], "galore": gal["heldout_loss"],
                                              "met": eq["heldout_loss"] < gal["heldout_loss"]},
-        "state_below_0.7x_adamw": {"ratio": sum(nat["state_bytes"].values()) / adamw_bytes,
-                                   "met": sum(nat["state_bytes"].values()) < 0.7 * adamw_bytes},
+        # the issue judges the state "at the recipe's defaults": configs/pretrain/tiny.yaml (rank 32, fp32 window)
+        "state_below_0.7x_adamw": {"recipe_ratio": times["natural_recipe_tiny"]["state_bytes"] / adamw_bytes,
+                                   "rank64_bf16_ratio": sum(nat["state_bytes"].values()) / adamw_bytes,
+                                   "met": times["natural_recipe_tiny"]["state_bytes"] < 0.7 * adamw_bytes},
     }
     for label, t in times.items():
         step = t["normal_cpu_s"] / base
