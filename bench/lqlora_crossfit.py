@@ -32,6 +32,7 @@ from fisherdist.fisher import FisherSpec, estimate_fisher
 p = argparse.ArgumentParser(); p.add_argument("--steps", type=int, default=20); p.add_argument("--lr", type=float, default=1e-4)
 p.add_argument("--calib", default="half", help="half: the other half of general_heldout; train: 64 general_train texts")
 p.add_argument("--iters", type=int, default=10); p.add_argument("--folds", type=int, nargs="*", default=[0, 1])
+p.add_argument("--agnostic", action="store_true", help="data-agnostic LQ-LoRA (plain Frobenius error)")
 p.add_argument("--merge", nargs="*", help="per-fold JSON files to pool (no computation)"); p.add_argument("--out", default="bench/results/lqlora_crossfit.json")
 args = p.parse_args()
 torch.set_num_threads(1 if len(args.folds) == 1 else 2)
@@ -102,7 +103,7 @@ for k in (args.folds if not args.merge else []):
         F = fisher_of(seqs)
     else:
         from bench.lqlora import tiny_fisher; F = tiny_fisher(model, tok, 64, 128)
-    chosen = {n: lq_decompose(weights[n], QConfig.parse("nf4"), 8, args.iters, FisherWeights.from_full(F[n]), seed=i) for i, n in enumerate(names)}
+    chosen = {n: lq_decompose(weights[n], QConfig.parse("nf4"), 8, args.iters, None if args.agnostic else FisherWeights.from_full(F[n]), seed=i) for i, n in enumerate(names)}
     print("fold", k, "fisher+decomp", time.time() - t0, flush=True)
     lq = {n: r.q.dequantize() + r.l1 @ r.l2 for n, r in chosen.items()}
     res["base"].append(per_text(model, ev))
