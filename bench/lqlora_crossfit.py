@@ -32,6 +32,7 @@ from fisherdist.fisher import FisherSpec, estimate_fisher
 p = argparse.ArgumentParser(); p.add_argument("--steps", type=int, default=20); p.add_argument("--lr", type=float, default=1e-4)
 p.add_argument("--calib", default="half", help="half: the other half of general_heldout; train: 64 general_train texts")
 p.add_argument("--iters", type=int, default=10); p.add_argument("--folds", type=int, nargs="*", default=[0, 1])
+p.add_argument("--seed", type=int, default=0, help="adapter init, data order, randomized SVD")
 p.add_argument("--agnostic", action="store_true", help="data-agnostic LQ-LoRA (plain Frobenius error)")
 p.add_argument("--merge", nargs="*", help="per-fold JSON files to pool (no computation)"); p.add_argument("--out", default="bench/results/lqlora_crossfit.json")
 args = p.parse_args()
@@ -78,7 +79,7 @@ def finetune(dense, chosen, seqs):
     with torch.no_grad():
         bp = dict(base.named_parameters())
         for n in names: bp[n].copy_(dense[n])
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     if chosen is None:
         m = apply_lora(base, lora)
     elif isinstance(next(iter(chosen.values())), tuple):  # control: 16-bit W - L1 L2 frozen, adapter = L1, L2
@@ -88,7 +89,7 @@ def finetune(dense, chosen, seqs):
         m = quantized_lora(base, lora, {n: r.q for n, r in chosen.items()})
         lqlora_factors(m, {n: (r.l1, r.l2) for n, r in chosen.items()})
     w = wrap_model(m, "none", optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=args.lr, weight_decay=0.0))
-    s = OptimSettings(lr=args.lr, epochs=100, max_steps=args.steps, batch_size=8, checkpoint_every=None)
+    s = OptimSettings(lr=args.lr, epochs=100, max_steps=args.steps, batch_size=8, checkpoint_every=None, seed=args.seed)
     metric = NllMetric()
     Trainer(w, len(seqs), s, lambda b: lm_loss(w, seqs, tok.pad_token_id or 0, 128, metric, b), hooks=[metric]).run(progress=False)
     m.eval(); return m
@@ -103,7 +104,7 @@ for k in (args.folds if not args.merge else []):
         F = fisher_of(seqs)
     else:
         from bench.lqlora import tiny_fisher; F = tiny_fisher(model, tok, 64, 128)
-    chosen = {n: lq_decompose(weights[n], QConfig.parse("nf4"), 8, args.iters, None if args.agnostic else FisherWeights.from_full(F[n]), seed=i) for i, n in enumerate(names)}
+    chosen = {n: lq_decompose(weights[n], QConfig.parse("nf4"), 8, args.iters, None if args.agnostic else FisherWeights.from_full(F[n]), seed=i + 1000 * args.seed) for i, n in enumerate(names)}
     print("fold", k, "fisher+decomp", time.time() - t0, flush=True)
     lq = {n: r.q.dequantize() + r.l1 @ r.l2 for n, r in chosen.items()}
     res["base"].append(per_text(model, ev))
