@@ -23,7 +23,8 @@ CONFIG = str(REPO / "configs" / "lqlora" / "tiny.yaml")
 ARGS = ["model.dtype=float64", "fisher.dtype=float64", "fisher.samples=8", "fisher.batch_size=4", "fisher.max_length=48",
         "decompose.grid=[nf3,nf4]", "decompose.budget=3.6", "decompose.cost_iters=2", "decompose.iters=3",
         r"decompose.targets=q_proj\.weight$", "lora.targets=[q_proj]", "train.num_samples=12", "train.batch_size=4",
-        "train.max_steps=2", "train.max_length=48", "data.heldout=null"]
+        "train.max_steps=2", "train.max_length=48", "data.heldout=null",
+        *(f"data.{k}=@world/data/general_train.jsonl" for k in ("calibration", "train"))]
 
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
