@@ -8,8 +8,8 @@ from pydantic import Field, model_validator
 
 from fisherdist.config import DataFile, DataKeys, Section
 from fisherdist.methods.agl.penalty import AglWeights
-from fisherdist.recipes.config import LoraRunConfig
 from fisherdist.methods.sft import SftTrain
+from fisherdist.recipes.config import LoraRunConfig
 
 ARMS = ("lora", "ewc", "agl")
 """The three fine-tunings ``run`` compares, on the same data and step budget."""
