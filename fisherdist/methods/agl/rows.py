@@ -18,6 +18,7 @@ The table's all-reduce carries the value only: each rank back-propagates through
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -68,7 +69,7 @@ def row_block(b: torch.Tensor, fetch: Fetch, rank: int, world: int) -> RowBlock:
     return RowBlock(lo, hi, whole[lo:hi])
 
 
-class RowPenalty(TrainHook):
+class RowPenalty(TrainHook, ABC):
     """A penalty over every adapted module, from per-rank row partial sums (see the module docstring).
     Subclasses give :meth:`params` (the tensors a module's terms read), :meth:`partials` and :meth:`finish`."""
 
@@ -78,16 +79,17 @@ class RowPenalty(TrainHook):
         self.rank, self.world = rank_world()
         self.last: dict[str, torch.Tensor] = {}
 
+    @abstractmethod
     def params(self, mod: AdaptedModule) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """The module's trainable tensors the penalty reads (gathered under ZeRO-3)."""
 
+    @abstractmethod
     def partials(self, fetch: Fetch) -> torch.Tensor:
         """This rank's partial sums, ``(modules, terms)``, differentiable through ``fetch`` / the B rows."""
-        raise NotImplementedError
 
+    @abstractmethod
     def finish(self, total: torch.Tensor) -> dict[str, torch.Tensor]:
         """The penalty (``"loss"``) and its logged parts from the table summed over ranks."""
-        raise NotImplementedError
 
     def _loss(self, fetch: Fetch) -> torch.Tensor:
         parts = self.partials(fetch)
