@@ -79,3 +79,18 @@ def sharded_runs() -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def single() -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     return _train("none", 0, 1)
+
+
+@pytest.mark.parametrize("override, says", [(["dist.backend=fsdp1", "dist.nproc=2"], "dist.backend=fsdp1"),
+                                            (["dist.backend=fsdp2", "model.load=sharded"], "model.load=sharded")])
+def test_unsupported_setups_are_refused_before_loading(capsys: pytest.CaptureFixture, tmp_path: Any,
+                                                       override: list[str], says: str) -> None:
+    from pathlib import Path
+
+    from fisherdist import cli
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "agl" / "tiny.yaml"
+    assert cli.main(["agl", "fisher", str(config), f"out={tmp_path}", *override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0]
+    assert not (tmp_path / "fisher").exists()
