@@ -1,5 +1,5 @@
 """The README's planner tables: ``fisherdist plan`` for 7B / 13B / 70B x 8 / 16 / 64 GPUs, every landed method,
-one table per backend (FSDP2, ZeRO-3; AlignGuard-LoRA, refused on both, gets its own ZeRO-2 table).
+one table per backend (FSDP2, ZeRO-3; AlignGuard-LoRA also gets a ZeRO-2 table, its replicated route).
 
     python bench/plan_table.py            # Markdown, GiB per rank (persistent + transient peak), 80 GiB GPUs
 """
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 MODELS = ("llama-2-7b", "llama-2-13b", "llama-2-70b")
 GPUS = (8, 16, 64)
 METHODS = ("fisher", "suv", "vila", "fila", "lqlora", "ngalore", "agl")
-TABLES = (("fsdp2", METHODS), ("zero3", METHODS), ("zero2", ("agl",)))
+TABLES = (("fsdp2", METHODS), ("zero3", METHODS), ("zero2", ("agl",)))  # agl also on ZeRO-2 (its replicated route)
 
 
 def cell(model: str, gpus: int, backend: str, method: str) -> str:

@@ -55,16 +55,19 @@ def _grads(rank: int, world: int) -> dict[str, torch.Tensor]:
 
     model = _model()
     w = wrap_model(model, "ddp" if world > 1 else "none")
-    hook = AglPenalty(w.unwrapped, WEIGHTS, SCALE, rank, world)
+    hook = AglPenalty(w, WEIGHTS, SCALE)
     ids = torch.tensor([[1, 2, 3, 4]])
     loss = w.module(input_ids=ids).logits.sum() * 0 + hook.extra_loss(None)  # type: ignore[arg-type]
     w.backward(loss)
-    return {"loss": loss.detach(), **{n: p.grad.clone() for n, p in w.named_trainable()}}
+    return {"loss": hook.last["loss"], **{n: p.grad.clone() for n, p in w.named_trainable()}}
 
 
 def test_hook_loss_matches_dense_formulas() -> None:
+    from fisherdist.distributed.wrap import wrap_model
+
     model = _model()
-    assert float(AglPenalty(model, WEIGHTS, SCALE, 0, 1).extra_loss(None).detach()) == pytest.approx(_dense(model), rel=1e-10)  # type: ignore[arg-type]
+    hook = AglPenalty(wrap_model(model, "none"), WEIGHTS, SCALE)
+    assert float(hook.extra_loss(None).detach()) == pytest.approx(_dense(model), rel=1e-10)  # type: ignore[arg-type]
 
 
 def test_two_ddp_ranks_equal_one_process() -> None:

@@ -237,7 +237,7 @@ def _agl(rank: int, world: int, path: str, backend: str) -> dict[str, int]:
                                        AGL_M)
     scale = LORA_QKVO.alpha / LORA_QKVO.r
     w = _load(path, backend, lambda m: _attached(apply_lora(m, LORA_QKVO), bases, scale, attach))
-    penalty = AglPenalty(w.unwrapped, AglWeights(), scale, rank, world)
+    penalty = AglPenalty(w, AglWeights(), scale)
     grads = _train_step(w, batch, lambda: penalty.extra_loss(None))
     state = [b for n, b in w.unwrapped.named_buffers() if ".agl." in n]
     return {**_held(w, []), "gradients": grads, "fisher": held["fisher"], "method_state": _Meter()(state)}
@@ -260,7 +260,7 @@ def measure_all(rank: int, world: int, configs: dict[str, str]) -> dict:
                 out[(method, backend)] = held
         # Q is replicated on every backend and the adapter is VILA's, checked on both: FSDP2 is enough
         out[("lqlora", "fsdp2")] = _lqlora(rank, configs["larger"], "fsdp2")
-        agl_backend = "none" if world == 1 else "ddp"  # AGL refuses sharded LoRA factors (agl.config.REPLICATED)
+        agl_backend = "none" if world == 1 else "ddp"  # the replicated route (FSDP2 / ZeRO-3: tests/test_agl_sharded.py)
         out[("agl", agl_backend)] = _agl(rank, world, configs["larger"], agl_backend)
     if world == 3:  # uneven: partitions cut through parameters at different offsets on every rank
         for stage in (1, 2):

@@ -45,8 +45,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--backend {args.backend}: Natural GaLore projects whole 2-D matrices and DeepSpeed ZeRO's "
                           "flat partitions cut across them (fisherdist.optim refuses it); plan it on fsdp2 or ddp")
     if args.method == "agl" and args.backend not in AGL_BACKENDS:
-        raise ConfigError(f"--backend {args.backend}: AlignGuard-LoRA's penalties need whole LoRA factors on every rank "
-                          f"(fisherdist agl refuses sharded ones); plan it on one of {', '.join(AGL_BACKENDS)}")
+        raise ConfigError(f"--backend {args.backend}: AlignGuard-LoRA's penalties need per-module LoRA rows, which "
+                          f"FSDP1's flat parameters do not have (fisherdist agl refuses it); plan it on one of "
+                          f"{', '.join(AGL_BACKENDS)}")
     for key in ("quant_bits", "subspace"):
         if getattr(args, key) is not None and getattr(args, key) <= 0:
             raise ConfigError(f"--{key.replace('_', '-')}: {getattr(args, key)} must be positive")

@@ -23,7 +23,7 @@ DEFAULT_RANK = {"suv": 8, "vila": 8, "fila": 8, "agl": 8, "lqlora": 64, "ngalore
 STATES = ("forget", "retain")  # fisherdist.methods.vila.importance.STATES
 AGL_SUBSPACE = 16  # fisherdist.methods.agl.config.AglFisher.subspace's default (test_plan checks they agree)
 AGL_ALIGN_RANK = 8  # AglTrain.align_rank's default
-AGL_BACKENDS = ("none", "ddp", "zero1", "zero2")  # agl.config.REPLICATED: where its penalties run
+AGL_BACKENDS = ("none", "ddp", "fsdp2", "zero1", "zero2", "zero3")  # agl.config.BACKENDS: where its penalties run
 NGALORE_HISTORY = 4  # NaturalGaLoreAdamW(history=4): projected gradients kept per matrix
 LQ_BUDGET = 3.5  # LqDecompose.budget's default: average bits per quantized element the ILP allocates
 
@@ -149,7 +149,8 @@ def _agl(m: ModelShapes, params: list[str], gran: str, k: Knobs) -> MethodModel:
                            "float64, each layer's pair whole on one owner rank (fisher); counted with the train stage",
                            f"agl: m={sub} (fisher.subspace; configs/agl/llama-*.yaml use 128: --subspace 128); the EWC "
                            "arm (a replicated diagonal Fisher) is not planned",
-                           f"agl: penalties run on {', '.join(AGL_BACKENDS)} only (sharded LoRA factors: not yet)"])
+                           f"agl: penalties run on {', '.join(AGL_BACKENDS)}; their transients (the small factors "
+                           "gathered whole, E_RO rows in checkpointed chunks) are LoRA-sized and not counted"])
 
 
 def _ngalore(m: ModelShapes, params: list[str], gran: str, k: Knobs) -> MethodModel:

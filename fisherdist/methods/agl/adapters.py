@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from fisherdist.methods.agl.penalty import ModuleFactors
+from fisherdist.methods.agl.rows import Fetch, row_block
 from fisherdist.models.peft_utils import AdaptedModule, adapted_modules
 
 
@@ -49,7 +49,8 @@ class AlignAdapter(nn.Module):
         self.register_buffer("mu", basis.in_values.to(init.dtype).clone())
         assert self.a.shape == (rank, d_in)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """dW_A x (called as a module, so ZeRO-3 gathers C and A_a for it)."""
         return self.scale * ((x @ self.a.T) @ self.c.T) @ self.u.T
 
     def dense(self) -> torch.Tensor:
@@ -65,7 +66,8 @@ def _init_a(name: str, shape: tuple[int, int], seed: int) -> torch.Tensor:
 
 
 def _hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-    return output + module.agl.delta(inputs[0].to(module.agl.a.dtype)).to(output.dtype)
+    agl: AlignAdapter = module.agl
+    return output + agl(inputs[0].to(agl.a.dtype)).to(output.dtype)
 
 
 def attach(model: nn.Module, bases: dict[str, ModuleBasis], rank: int, scale: float, seed: int) -> list[str]:
@@ -89,17 +91,11 @@ def hf_name(peft_name: str) -> str:
     return peft_name.removeprefix("base_model.model.")
 
 
-def _full(t: Any) -> torch.Tensor:
-    """A parameter whole (an FSDP2 DTensor is gathered, differentiably; small LoRA-size factors only)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def module_factors(mod: AdaptedModule, scale: float, rank: int, world: int) -> ModuleFactors:
-    """The tensors :func:`~fisherdist.methods.agl.penalty.local_sums` needs, for this rank's output rows
-    ``[rank*d/world, (rank+1)*d/world)``: the penalty's work is split over ranks, its scalars all-reduced."""
+def module_factors(mod: AdaptedModule, fetch: Fetch, scale: float, rank: int, world: int) -> ModuleFactors:
+    """The tensors :func:`~fisherdist.methods.agl.penalty.local_sums` needs for this rank's block of output
+    rows (:func:`~fisherdist.methods.agl.rows.row_block`); ``fetch`` gives the small factors whole. L_A is
+    formed whole on every rank, so each adds 1/world of it."""
     agl: AlignAdapter = mod.module.agl
-    b = _full(mod.lora_b)
-    d_out = b.shape[0]
-    lo, hi = rank * d_out // world, (rank + 1) * d_out // world
-    return ModuleFactors(u=agl.u[lo:hi], lam=agl.lam, h=agl.h[lo:hi], v=agl.v, mu=agl.mu, c=_full(agl.c), a_align=_full(agl.a),
-                         b=b[lo:hi], a_task=_full(mod.lora_a), scale=scale, replicated_share=1.0 / world)
+    blk = row_block(mod.lora_b, fetch, rank, world)
+    return ModuleFactors(u=agl.u[blk.lo:blk.hi], lam=agl.lam, h=agl.h[blk.lo:blk.hi], v=agl.v, mu=agl.mu, c=fetch(agl.c),
+                         a_align=fetch(agl.a), b=blk.b, a_task=fetch(mod.lora_a), scale=scale, replicated_share=1.0 / world)

@@ -8,14 +8,14 @@ from pydantic import Field, model_validator
 
 from fisherdist.config import DataFile, DataKeys, Section
 from fisherdist.methods.agl.penalty import AglWeights
+from fisherdist.methods.sft import SftTrain
 from fisherdist.recipes.config import LoraRunConfig
-from fisherdist.recipes.train_config import OptimSettings
 
 ARMS = ("lora", "ewc", "agl")
-REPLICATED = ("none", "ddp", "zero1", "zero2")
-"""Backends on which the EWC and AGL penalties run: every rank holds the LoRA factors whole, computes its
-share of output rows and the backend's gradient average sums the shares (sharded factors: not yet)."""
 """The three fine-tunings ``run`` compares, on the same data and step budget."""
+BACKENDS = ("none", "ddp", "fsdp2", "zero1", "zero2", "zero3")
+"""Backends on which the EWC and AGL penalties run (``methods/agl/rows.py``: each rank its block of output
+rows; FSDP1's flat parameters hold no per-module LoRA rows)."""
 
 
 class AglData(DataKeys):
@@ -38,8 +38,9 @@ class AglFisher(Section):
     max_length: int = Field(64, gt=1)
 
 
-class AglTrain(OptimSettings):
-    """Fine-tuning of every arm (the general optimisation keys come from ``OptimSettings``)."""
+class AglTrain(SftTrain):
+    """Fine-tuning of every arm: the SFT recipe's keys (``SftTrain``: every arm is one ``run_sft``) plus
+    the penalties' own."""
 
     max_length: int = Field(64, gt=1)
     align_rank: int = Field(8, gt=0, description="rank of the alignment adapter dW_A = s U C A_a")
@@ -59,7 +60,10 @@ class AglConfig(LoraRunConfig):
     @model_validator(mode="after")
     def _penalties_fit_backend(self) -> AglConfig:
         penalised = [a for a in self.train.arms if a != "lora"]
-        if penalised and self.dist.backend not in REPLICATED:
+        if penalised and self.dist.backend not in BACKENDS:
             raise ValueError(f"dist.backend={self.dist.backend}: train.arms {penalised} need one of "
-                             f"{', '.join(REPLICATED)} (sharded LoRA factors are not supported yet)")
+                             f"{', '.join(BACKENDS)} (FSDP1's flat parameters have no per-module LoRA rows)")
+        if "agl" in self.train.arms and self.model.load == "sharded":
+            raise ValueError("model.load=sharded: the agl arm's alignment adapter (C, A_a) is in no checkpoint and "
+                             "the sharded load initialises only LoRA factors; use model.load=full")
         return self

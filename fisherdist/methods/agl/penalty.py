@@ -24,7 +24,7 @@ from a benign one and blocks the task as much as it protects refusals).
 Sharding: every quantity is a sum over output rows, so a rank holding rows ``[lo, hi)`` of U, h and B (FSDP2
 ``Shard(0)``) and the small factors C, A_a, A_t whole computes partial sums, and only those scalars are
 all-reduced (:func:`combine`). Inner products come from r x r Gram matrices, <X1 Y1, X2 Y2> =
-tr((X1^T X2)(Y2 Y1^T)); only E_RO materialises rows of the updates, ``chunk`` rows at a time.
+tr((X1^T X2)(Y2 Y1^T)); only E_RO materialises rows of the updates, ``chunk`` rows at a time, checkpointed.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from pydantic import Field
+from torch.utils.checkpoint import checkpoint
 
 from fisherdist.config import Section
 
@@ -77,13 +78,20 @@ def _gram_inner(x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.
 
 def _overlap_sum(xa: torch.Tensor, ya: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, w: AglWeights,
                  chunk: int) -> torch.Tensor:
-    """sum_jk w_jk |dW_A,jk| |dW_T,jk| over the local rows, ``chunk`` rows materialised at a time."""
+    """sum_jk w_jk |dW_A,jk| |dW_T,jk| over the local rows, ``chunk`` rows materialised at a time (under
+    activation checkpointing: backward recomputes a chunk instead of keeping every module's rows)."""
     total = xa.new_zeros(())
     for lo in range(0, xa.shape[0], chunk):
-        da, dt = xa[lo:lo + chunk] @ ya, xt[lo:lo + chunk] @ yt
-        weight = 1 + w.beta * torch.sigmoid((da + dt).abs() - w.tau)
-        total = total + (weight * da.abs() * dt.abs()).sum()
+        args = (xa[lo:lo + chunk], ya, xt[lo:lo + chunk], yt, w.beta, w.tau)
+        part = checkpoint(_overlap_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else _overlap_chunk(*args)
+        total = total + part
     return total
+
+
+def _overlap_chunk(xa: torch.Tensor, ya: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, beta: float,
+                   tau: float) -> torch.Tensor:
+    da, dt = xa @ ya, xt @ yt
+    return ((1 + beta * torch.sigmoid((da + dt).abs() - tau)) * da.abs() * dt.abs()).sum()
 
 
 def local_sums(f: ModuleFactors, w: AglWeights, chunk: int = 1024) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""One arm of ``fisherdist agl train``: load, attach, fine-tune on the shared trainer, export merged."""
+"""One arm of ``fisherdist agl train``: load, attach, fine-tune with the SFT recipe (``run_sft``, the arm's
+penalty and the forgetting curve as its hooks), export merged."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import torch
 from torch import nn
 
 from fisherdist.methods.agl import stages
-from fisherdist.methods.agl.train import AglPenalty, EwcPenalty, ForgettingCurve, SftStepLoss
-from fisherdist.recipes.trainer import Trainer, TrainHook
+from fisherdist.methods.agl.train import AglPenalty, EwcPenalty, ForgettingCurve
+from fisherdist.methods.sft import run_sft
+from fisherdist.recipes.trainer import DataPlan, TrainHook
 
 
 def _prepare(r: stages.Ctx, arm: str) -> Any:
@@ -27,12 +29,12 @@ def _prepare(r: stages.Ctx, arm: str) -> Any:
     return prepare
 
 
-def _penalty(r: stages.Ctx, arm: str, model: nn.Module) -> list[TrainHook]:
+def _penalty(r: stages.Ctx, arm: str, wrapped: Any) -> list[TrainHook]:
     t = r.cfg.train
     if arm == "agl":
-        return [AglPenalty(model, t.weights, stages.lora_scale(r), r.rank, r.world)]
+        return [AglPenalty(wrapped, t.weights, stages.lora_scale(r))]
     if arm == "ewc":
-        return [EwcPenalty(model, stages.load_ewc(r), t.lambda_ewc, stages.lora_scale(r))]
+        return [EwcPenalty(wrapped, stages.ewc_rows(r), t.lambda_ewc, stages.lora_scale(r))]
     return []
 
 
@@ -45,11 +47,10 @@ def train_arm(r: stages.Ctx, arm: str) -> list[tuple[int, float]]:
                      optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=t.lr, weight_decay=t.weight_decay),
                      seed=t.seed, **r.cfg.backend_options(t.batch_size, t.max_grad_norm))
     pairs = stages.train_pairs(r)
-    loss = SftStepLoss(w, pairs, r.pad_id, t.max_length)
-    trainer = Trainer(w, len(pairs), t, loss, hooks=[], checkpoint_dir=r.out / "checkpoints" / arm, name=arm, metrics=r.metrics)
-    curve = ForgettingCurve(w.module, r.tokenizer, stages.eval_data(r), t.curve_every, trainer.plan.total_steps)
-    trainer.hooks = [*_penalty(r, arm, w.unwrapped), loss, curve]
-    history = trainer.run(progress=False)
+    total = DataPlan(len(pairs), t.batch_size * r.world, t.epochs, t.seed, t.max_steps).total_steps
+    curve = ForgettingCurve(w.module, r.tokenizer, stages.eval_data(r), t.curve_every, total)
+    history = run_sft(w, pairs, t, r.pad_id, checkpoint_dir=r.out / "checkpoints" / arm, hooks=[*_penalty(r, arm, w), curve],
+                      name=arm, progress=False, metrics=r.metrics)
     r.write_json(f"train_log_{arm}.json", history)
     _export(r, arm, w.gather_trainable())
     r.log(f"agl {arm}: {len(history)} steps, unsafe refusal {curve.points[0][1]:.2f} -> {curve.points[-1][1]:.2f}")

@@ -8,6 +8,7 @@ Files under ``out``: ``fisher/bases.safetensors`` (per-module U, eigenvalues, cu
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,10 +72,19 @@ def load_bases(r: Ctx) -> dict[str, ModuleBasis]:
     return {n: ModuleBasis(*(flat[f"{n}.{p}"] for p in BASIS_PARTS)) for n in names}
 
 
-def load_ewc(r: Ctx) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def ewc_rows(r: Ctx) -> Callable[[str, int, int], torch.Tensor]:
+    """Reads rows [lo, hi) of one module's EWC diagonal from ``fisher/ewc.safetensors`` (a rank loads only
+    the rows its penalty share needs)."""
+    from safetensors import safe_open
 
-    return load_file(str(r.out / "fisher" / "ewc.safetensors"))
+    path = str(r.out / "fisher" / "ewc.safetensors")
+
+    def rows(name: str, lo: int, hi: int) -> torch.Tensor:
+        with safe_open(path, framework="pt") as f:
+            part: torch.Tensor = f.get_slice(name)[lo:hi]
+            return part
+
+    return rows
 
 
 def train(r: Ctx) -> None:

@@ -7,91 +7,82 @@ hook records the forgetting curve (refusal rate on the unsafe prompts every ``cu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fisherdist.eval.alignment import AlignmentData, unsafe_refusal
-from fisherdist.methods.agl.adapters import module_factors
+from fisherdist.methods.agl.adapters import hf_name, module_factors
 from fisherdist.methods.agl.penalty import AglWeights, combine, local_sums
-from fisherdist.models.peft_utils import adapted_modules
-from fisherdist.recipes.losses import collate_prompted, step_mean, token_mean_share
+from fisherdist.methods.agl.rows import Fetch, RowBlock, RowPenalty, row_block
+from fisherdist.models.peft_utils import AdaptedModule
 from fisherdist.recipes.trainer import StepBatch, TrainHook
 
-Pairs = list[tuple[list[int], list[int]]]
 
-
-class SftStepLoss(TrainHook):
-    """The step's response-token-mean NLL: each rank's summed NLL times W over the global token count, so
-    the backend's gradient average is the gradient of the global mean (a padding-only rank weighs 0).
-    As a hook it logs that NLL (``nll``) in the step's row."""
-
-    name = "sft"
-
-    def __init__(self, wrapped: Any, pairs: Pairs, pad_id: int, max_length: int) -> None:
-        self.w, self.pairs, self.pad_id, self.max_length = wrapped, pairs, pad_id, max_length
-        self.device = next(wrapped.unwrapped.parameters()).device
-        self.last = torch.zeros(())
-
-    def __call__(self, batch: StepBatch) -> torch.Tensor:
-        real = [i for i in batch.mine if i >= 0]
-        items = [self.pairs[i] for i in (real or [0])]
-        b = collate_prompted([p for p, _ in items], [c for _, c in items], self.pad_id, self.max_length).to(self.device)
-        loss = token_mean_share(self.w.module, b, bool(real), batch.world)
-        self.last = loss.detach()
-        return loss
-
-    def after_step(self, batch: StepBatch, row: dict[str, Any]) -> None:
-        row["nll"] = step_mean(self.last, batch.world)
-
-
-class AglPenalty(TrainHook):
-    """lambda_A L_A + lambda_T L_T + lambda_NC (alpha E_RO + (1 - alpha) E_GS) over every adapted module:
-    each rank forms the partial sums of its share of output rows, one all-reduce sums the table."""
+class AglPenalty(RowPenalty):
+    """lambda_A L_A + lambda_T L_T + lambda_NC (alpha E_RO + (1 - alpha) E_GS) over every adapted module,
+    from each rank's row partial sums (:mod:`~fisherdist.methods.agl.rows`: any backend)."""
 
     name = "agl"
 
-    def __init__(self, model: torch.nn.Module, weights: AglWeights, scale: float, rank: int, world: int) -> None:
-        self.mods, self.w, self.scale, self.rank, self.world = adapted_modules(model), weights, scale, rank, world
-        self.numel = torch.tensor([float(m.lora_b.shape[0] * m.lora_a.shape[1]) for m in self.mods], dtype=torch.float64)
-        self.last: dict[str, torch.Tensor] = {}
+    def __init__(self, wrapped: Any, weights: AglWeights, scale: float) -> None:
+        super().__init__(wrapped)
+        self.w_agl, self.scale = weights, scale
+        self.numel = torch.tensor([float(m.module.agl.u.shape[0] * m.module.agl.v.shape[0]) for m in self.mods],
+                                  dtype=torch.float64)
 
-    def extra_loss(self, batch: StepBatch) -> torch.Tensor:
-        parts = torch.stack([local_sums(module_factors(m, self.scale, self.rank, self.world), self.w).double()
-                             for m in self.mods])
-        reduce = None
-        if self.world > 1:
-            import torch.distributed.nn.functional as dnn
+    def params(self, mod: AdaptedModule) -> list[torch.Tensor]:
+        return [mod.lora_a, mod.lora_b, mod.module.agl.c, mod.module.agl.a]
 
-            reduce = dnn.all_reduce
-        out = combine(parts, self.numel.to(parts.device), self.w, reduce)
-        self.last = {k: v.detach() for k, v in out.items()}
-        return out["loss"]
+    def partials(self, fetch: Fetch) -> torch.Tensor:
+        return torch.stack([local_sums(module_factors(m, fetch, self.scale, self.rank, self.world), self.w_agl).double()
+                            for m in self.mods])
+
+    def finish(self, total: torch.Tensor) -> dict[str, torch.Tensor]:
+        return combine(total, self.numel.to(total.device), self.w_agl)
 
     def after_step(self, batch: StepBatch, row: dict[str, Any]) -> None:
         row.update({f"agl_{k}": float(v) for k, v in self.last.items()})
 
 
-class EwcPenalty(TrainHook):
-    """LoRA + diagonal EWC: lambda * sum F * (s B A)^2, F the base weights' diagonal alignment Fisher
-    (one module's update materialised at a time; replicated backends)."""
+DiagRows = Callable[[str, int, int], torch.Tensor]
+"""(HF module name, lo, hi) -> rows [lo, hi) of that module's diagonal Fisher."""
+
+
+class EwcPenalty(RowPenalty):
+    """LoRA + diagonal EWC: lambda * sum F * (s B A)^2, F the base weights' diagonal alignment Fisher; a rank
+    reads and forms only its rows of F and of each update (:mod:`~fisherdist.methods.agl.rows`)."""
 
     name = "ewc"
 
-    def __init__(self, model: torch.nn.Module, diag: dict[str, torch.Tensor], lam: float, scale: float) -> None:
-        from fisherdist.methods.agl.adapters import hf_name
+    def __init__(self, wrapped: Any, diag_rows: DiagRows, lam: float, scale: float) -> None:
+        super().__init__(wrapped)
+        self.diag_rows, self.lam, self.scale = diag_rows, lam, scale
+        self.diag: dict[tuple[str, int, int], torch.Tensor] = {}
 
-        self.mods, self.lam, self.scale = adapted_modules(model), lam, scale
-        self.diag = [diag[hf_name(m.name)].to(m.lora_a.device) for m in self.mods]
-        self.last = torch.zeros(())
+    def params(self, mod: AdaptedModule) -> list[torch.Tensor]:
+        return [mod.lora_a, mod.lora_b]
 
-    def extra_loss(self, batch: StepBatch) -> torch.Tensor:
-        total = sum((f * (self.scale * m.lora_b @ m.lora_a).square()).sum() for m, f in zip(self.mods, self.diag))
-        self.last = torch.as_tensor(total).detach()
-        return self.lam * torch.as_tensor(total)
+    def _rows(self, mod: AdaptedModule, blk: RowBlock) -> torch.Tensor:
+        key = (hf_name(mod.name), blk.lo, blk.hi)
+        if key not in self.diag:
+            self.diag[key] = self.diag_rows(*key).to(blk.b.device)
+        return self.diag[key]
+
+    def partials(self, fetch: Fetch) -> torch.Tensor:
+        parts = []
+        for m in self.mods:
+            blk = row_block(m.lora_b, fetch, self.rank, self.world)
+            parts.append((self._rows(m, blk) * (self.scale * blk.b @ fetch(m.lora_a)).square()).sum())
+        return torch.stack(parts).reshape(-1, 1)
+
+    def finish(self, total: torch.Tensor) -> dict[str, torch.Tensor]:
+        penalty = total.sum()
+        return {"loss": self.lam * penalty, "penalty": penalty}
 
     def after_step(self, batch: StepBatch, row: dict[str, Any]) -> None:
-        row["ewc_penalty"] = float(self.last)
+        row["ewc_penalty"] = float(self.last["penalty"])
 
 
 class ForgettingCurve(TrainHook):
