@@ -120,7 +120,7 @@ def measure(rank: int, world: int, backends: list[str], cfg: dict[str, int], buc
         else:
             base, _ = _peak(backend, cfg, ONE_LINEAR, bucket_mb, batch, kfac=True)
             peak, sizes = _peak(backend, cfg, kfac_params, bucket_mb, batch, kfac=True)
-        out[backend] = {"peak_stats": peak - base, **sizes}
+        out[backend] = {"peak_stats": peak - base, "baseline_peak": base, "all_peak": peak, **sizes}
     return out
 
 
