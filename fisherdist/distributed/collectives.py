@@ -63,3 +63,20 @@ def assign_owners(work: Sequence[float], world: int) -> list[int]:
         owner[i] = r
         load[r] += work[i]
     return owner
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """An FSDP2 (DTensor) parameter, recognised without importing DTensor's module."""
+    return hasattr(t, "to_local") and hasattr(t, "placements")
+
+
+def gather_summing_grad(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of ``t``: an FSDP2 shard is all-gathered, and since each rank's gradient of the
+    gathered copy is only its own share, backward SUMS them into the shard (``Partial``); a replicated
+    tensor is returned as is."""
+    if not is_dtensor(t):
+        return t
+    from torch.distributed.tensor import DTensor, Partial
+
+    assert isinstance(t, DTensor)
+    return t.full_tensor(grad_placements=[Partial()])

@@ -25,27 +25,12 @@ from typing import Any
 
 import torch
 
-from fisherdist.distributed.collectives import all_reduce_sum, rank_world
+from fisherdist.distributed.collectives import all_reduce_sum, gather_summing_grad, is_dtensor, rank_world
 from fisherdist.models.peft_utils import AdaptedModule, adapted_modules
 from fisherdist.recipes.trainer import StepBatch, TrainHook
 
 Fetch = Callable[[torch.Tensor], torch.Tensor]
 """A trainable parameter -> its whole value, differentiable in this rank's copy or shard."""
-
-
-def is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "to_local") and hasattr(t, "placements")
-
-
-def live_whole(p: torch.Tensor) -> torch.Tensor:
-    """The whole value of a live parameter: an FSDP2 shard is all-gathered, its gradient summed over ranks
-    (each rank's gradient is its own rows' share); a replicated parameter is itself."""
-    if not is_dtensor(p):
-        return p
-    from torch.distributed.tensor import Partial
-
-    whole: torch.Tensor = p.full_tensor(grad_placements=[Partial()])  # type: ignore[attr-defined]
-    return whole
 
 
 @dataclass(frozen=True)
@@ -102,7 +87,7 @@ class RowPenalty(TrainHook, ABC):
         if self.w.params_gathered_in_forward:
             return None
         direct = any(is_dtensor(m.lora_b) for m in self.mods)  # FSDP2: gradients into shards are not averaged
-        return self._loss(live_whole) * (1.0 if direct else float(self.world))
+        return self._loss(gather_summing_grad) * (1.0 if direct else float(self.world))
 
     def extra_grads(self, batch: StepBatch) -> dict[torch.Tensor, torch.Tensor]:
         """ZeRO-3: the penalty's full gradient of every factor, from gathered copies (collective)."""

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
+from fisherdist.distributed.collectives import gather_summing_grad, is_dtensor
 from fisherdist.models.peft_utils import AdaptedModule
 
 R_CLIP = 1e9
@@ -49,10 +50,6 @@ def barrier_sum(delta: torch.Tensor, d: torch.Tensor, eps2: float) -> torch.Tens
     return torch.log1p(delta.square() / (d + eps2)).sum()
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "to_local") and hasattr(t, "placements")
-
-
 @dataclass
 class BarrierTerm:
     """One adapted module: this rank's flat fragment of D and where it sits in the base weight."""
@@ -68,13 +65,13 @@ class BarrierTerm:
         a, b = factors or (self.module.lora_a, self.module.lora_b)
         end = self.start + self.d.numel()
         r0, r1 = self.start // d_in, -(-end // d_in)
-        if _is_dtensor(b):  # FSDP2: the local rows of B are exactly the fragment's rows
+        if is_dtensor(b):  # FSDP2: the local rows of B are exactly the fragment's rows
             b_rows, offset = b.to_local(), r0
             if b_rows.shape[0] != r1 - r0:
                 raise RuntimeError(f"{self.module.name}: LoRA B shard has {b_rows.shape[0]} rows, D fragment {r1 - r0}")
         else:
             b_rows, offset = b, 0
-        a_full = _gather_partial_grad(a) if _is_dtensor(a) else a
+        a_full = gather_summing_grad(a)
         total = torch.zeros((), dtype=self.d.dtype, device=self.d.device)
         for c0 in range(r0, r1, chunk_rows):
             c1 = min(c0 + chunk_rows, r1)
@@ -88,13 +85,6 @@ class BarrierTerm:
                 part = _chunk_sum(b_chunk, a_full, d_chunk, cut, eps2)
             total = total + part.to(total.dtype)
         return total
-
-
-def _gather_partial_grad(a: torch.Tensor) -> torch.Tensor:
-    """All-gather a sharded DTensor; its gradient differs per rank, so backward must SUM (Partial)."""
-    from torch.distributed.tensor import Partial
-
-    return a.full_tensor(grad_placements=[Partial()])
 
 
 def _chunk_sum(b_chunk: torch.Tensor, a: torch.Tensor, d: torch.Tensor, cut: tuple[int, int], eps2: float) -> torch.Tensor:
@@ -177,7 +167,7 @@ class FisherBarrier:
         total = local.detach().clone()
         if world > 1:
             dist.all_reduce(total)
-        sharded = any(_is_dtensor(t.module.lora_b) for t in self.terms)
+        sharded = any(is_dtensor(t.module.lora_b) for t in self.terms)
         factor = 1.0 if sharded else float(world)
         keep = (total <= R_CLIP).to(local.dtype)
         return lam * factor * keep * local, total.clamp(0, R_CLIP)
