@@ -162,11 +162,10 @@ def finetune_perplexity(tokenizer: Any, weights: dict[str, torch.Tensor], dense:
     trainer. LQ-LoRA: packed-Q layers, adapter = L1, L2 (the recipe's own code). QLoRA: the dequantized NF4
     weights frozen (bitsandbytes' forward computes exactly these), adapter from PEFT's init (B = 0)."""
     from fisherdist.distributed.wrap import wrap_model
-    from fisherdist.methods.lqlora.train_stage import NllMetric, lm_loss, lqlora_factors, quantized_lora
+    from fisherdist.methods.lqlora.train_stage import lqlora_factors, quantized_lora
+    from fisherdist.methods.sft import SftTrain, run_sft
     from fisherdist.models.load import load_model
     from fisherdist.models.peft_utils import LoraSettings, apply_lora
-    from fisherdist.recipes.train_config import OptimSettings
-    from fisherdist.recipes.trainer import Trainer
 
     base = load_model(WORLD / "model")
     lora = LoraSettings(r=args.rank, alpha=16.0, dropout=0.0,
@@ -182,9 +181,8 @@ def finetune_perplexity(tokenizer: Any, weights: dict[str, torch.Tensor], dense:
         model = quantized_lora(base, lora, {n: r.q for n, r in chosen.items()})
         lqlora_factors(model, {n: (r.l1, r.l2) for n, r in chosen.items()})
     w = wrap_model(model, "none", optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=args.lr, weight_decay=0.0))
-    settings = OptimSettings(lr=args.lr, epochs=1, max_steps=args.steps, batch_size=8, checkpoint_every=None)
-    metric, pad = NllMetric(), tokenizer.pad_token_id or 0
-    Trainer(w, len(texts), settings, lambda b: lm_loss(w, texts, pad, 128, metric, b), hooks=[metric]).run(progress=False)
+    settings = SftTrain(lr=args.lr, epochs=1, max_steps=args.steps, batch_size=8, max_length=128, checkpoint_every=None)
+    run_sft(w, [([], seq) for seq in texts], settings, tokenizer.pad_token_id or 0, progress=False)
     model.eval()
     return text_nlls(model, tokenizer, heldout)
 

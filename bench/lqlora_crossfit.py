@@ -70,10 +70,9 @@ def fisher_of(seqs):
     return {f: acc.full_fisher(f).clone() for f in acc.targets}
 def finetune(dense, chosen, seqs):
     from fisherdist.distributed.wrap import wrap_model
-    from fisherdist.methods.lqlora.train_stage import NllMetric, lm_loss, lqlora_factors, quantized_lora
+    from fisherdist.methods.lqlora.train_stage import lqlora_factors, quantized_lora
+    from fisherdist.methods.sft import SftTrain, run_sft
     from fisherdist.models.peft_utils import LoraSettings, apply_lora
-    from fisherdist.recipes.train_config import OptimSettings
-    from fisherdist.recipes.trainer import Trainer
     base = load_model(WORLD / "model")
     lora = LoraSettings(r=8, alpha=16.0, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     with torch.no_grad():
@@ -89,9 +88,9 @@ def finetune(dense, chosen, seqs):
         m = quantized_lora(base, lora, {n: r.q for n, r in chosen.items()})
         lqlora_factors(m, {n: (r.l1, r.l2) for n, r in chosen.items()})
     w = wrap_model(m, "none", optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=args.lr, weight_decay=0.0))
-    s = OptimSettings(lr=args.lr, epochs=100, max_steps=args.steps, batch_size=8, checkpoint_every=None, seed=args.seed)
-    metric = NllMetric()
-    Trainer(w, len(seqs), s, lambda b: lm_loss(w, seqs, tok.pad_token_id or 0, 128, metric, b), hooks=[metric]).run(progress=False)
+    s = SftTrain(lr=args.lr, epochs=100, max_steps=args.steps, batch_size=8, max_length=128, checkpoint_every=None,
+                 seed=args.seed)
+    run_sft(w, [([], seq) for seq in seqs], s, tok.pad_token_id or 0, progress=False)
     m.eval(); return m
 halves = [held[:20], held[20:]]
 res = {k: [] for k in ["nf4_init", "lq_init", "nf4_ft", "lq_ft", "base", "control_16bit_ft"]}

@@ -31,7 +31,7 @@ from fisherdist.recipes.config import RunConfig
 from fisherdist.recipes.losses import collate_prompted, step_mean, token_mean_share
 from fisherdist.recipes.optimizers import OptimizerSettings
 from fisherdist.recipes.stages import ALL, RunContext, StageRegistry
-from fisherdist.recipes.train_config import OptimSettings
+from fisherdist.recipes.train_config import SequenceSettings
 from fisherdist.recipes.trainer import StepBatch, Trainer, TrainHook
 
 Prompted = tuple[list[int], list[int]]
@@ -61,13 +61,12 @@ class PretrainData(SftData):
     pack: bool = Field(True, description="pack documents into max_length sequences (EOS-separated)")
 
 
-class SftTrain(OptimSettings):
-    """The trainer's keys (:class:`OptimSettings`) plus the sequence length; SFT's own defaults."""
+class SftTrain(SequenceSettings):
+    """The trainer's keys and the sequence length (:class:`SequenceSettings`); SFT's own defaults."""
 
     lr: float = Field(1e-3, gt=0)
     epochs: int = Field(1, gt=0)
     batch_size: int = Field(8, gt=0, description="records per rank per step")
-    max_length: int = Field(128, gt=1)
 
 
 class SftConfig(RunConfig):
@@ -140,7 +139,7 @@ def records_fingerprint(records: Sequence[Prompted]) -> str:
     return hashlib.sha256(repr(list(records)).encode()).hexdigest()[:16]
 
 
-def run_sft(wrapped: Any, records: Sequence[Prompted], settings: SftTrain, pad_id: int, *,
+def run_sft(wrapped: Any, records: Sequence[Prompted], settings: SequenceSettings, pad_id: int, *,
             checkpoint_dir: str | Path | None = None, hooks: Sequence[TrainHook] = (), name: str = "train",
             progress: bool = True, metrics: MetricsLogger | None = None) -> list[dict[str, Any]]:
     """SFT of ``wrapped`` (any backend, its optimizer) on ``records`` (:func:`load_prompted`): the per-step

@@ -31,3 +31,10 @@ class OptimSettings(Section):
     keep_checkpoints: int = Field(2, gt=0, description="complete checkpoints kept (older ones are deleted)")
     resume: ResumeMode = Field("auto", description="auto: continue from the newest complete checkpoint of this stage, "
                                "if any; never: start over; must: fail without one")
+
+
+class SequenceSettings(OptimSettings):
+    """The trainer's keys plus the token length a record is cut to: what :func:`fisherdist.methods.sft.run_sft`
+    reads, shared by every recipe that trains through it."""
+
+    max_length: int = Field(128, gt=1)

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from fisherdist.config import DataFile, DataKeys, Section
 from fisherdist.models.quant import QConfig
 from fisherdist.recipes.config import FisherPassSettings, LoraRunConfig
-from fisherdist.recipes.train_config import OptimSettings
+from fisherdist.recipes.train_config import SequenceSettings
 
 
 class LqData(DataKeys):
@@ -63,7 +63,7 @@ class LqDecompose(Section):
         return self
 
 
-class LqTrain(OptimSettings):
+class LqTrain(SequenceSettings):
     """Fine-tuning of L1 L2 (LoRA) with Q frozen: token-mean NLL on ``data.train``."""
 
     max_length: int = Field(256, gt=1)

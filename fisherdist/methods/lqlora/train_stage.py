@@ -3,15 +3,14 @@
 ``train``: the base model's decomposed Linear layers become packed :class:`~fisherdist.models.qlinear.QLinear`
 layers (Q frozen, outside every wrapper's parameters), under a LoRA adapter set to A = L2/sqrt(s),
 B = L1/sqrt(s) (s = alpha / r), so the model starts equal to Q + L1 L2; only A, B train, with the token-mean
-NLL of ``data.train`` on the shared :class:`~fisherdist.recipes.trainer.Trainer` (any backend, resume,
-preemption). Each rank's loss is its summed NLL x W / the step's global token count, so the backend's
+NLL of ``data.train`` through the SFT recipe's :func:`~fisherdist.methods.sft.run_sft` (no prompt: every token
+scored; any backend, resume, preemption). Each rank's loss is its summed NLL x W / the step's global token count, so the backend's
 gradient average is the gradient of the global token mean whatever the world size.
 ``export``: dense Q + s B A as a HF directory, the measured bits and held-out perplexities.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -22,11 +21,10 @@ from torch import nn
 from fisherdist.distributed.collectives import barrier
 from fisherdist.errors import ConfigError
 from fisherdist.methods.lqlora.config import LqloraConfig
+from fisherdist.methods.sft import run_sft
 from fisherdist.models.peft_utils import LoraSettings
 from fisherdist.models.quant import QuantizedTensor
-from fisherdist.recipes.losses import step_mean
 from fisherdist.recipes.stages import RunContext
-from fisherdist.recipes.trainer import StepBatch, Trainer, TrainHook
 
 Ctx = RunContext[LqloraConfig]
 
@@ -61,30 +59,6 @@ def lqlora_factors(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, t
     set_factors(model, ab)
 
 
-class NllMetric(TrainHook):
-    """Logs the step's global token-mean NLL (the sum over ranks of their scaled losses / W)."""
-
-    name = "nll"
-
-    def __init__(self) -> None:
-        self.value = torch.zeros(())
-
-    def after_step(self, batch: StepBatch, row: dict[str, Any]) -> None:
-        row["nll"] = step_mean(self.value, batch.world)
-
-
-def lm_loss(w: Any, tokens: list[list[int]], pad_id: int, max_length: int, metric: NllMetric, batch: StepBatch) -> torch.Tensor:
-    """This rank's share of the step's global token-mean NLL (zero weight on a rank with only padding)."""
-    from fisherdist.recipes.losses import collate_prompted, token_mean_share
-
-    real = [i for i in batch.mine if i >= 0]
-    rows = [tokens[i] for i in (real or [0])]
-    device = next(w.unwrapped.parameters()).device
-    b = collate_prompted([[] for _ in rows], rows, pad_id, max_length).to(device)
-    metric.value = token_mean_share(w.module, b, bool(real), batch.world)
-    return metric.value
-
-
 def load_training_model(r: Ctx) -> tuple[Any, dict[str, QuantizedTensor]]:
     """The wrapped packed-Q + LoRA model with its optimizer, and the packed weights."""
     from fisherdist.methods.lqlora.export import Decomposition
@@ -117,11 +91,8 @@ def train(r: Ctx) -> None:
     from fisherdist.models.quant_lora import save_quantized_lora
 
     w, packed = load_training_model(r)
-    tokens, metric, t = _train_tokens(r), NllMetric(), r.cfg.train
-    fingerprint = hashlib.sha256(repr(tokens).encode()).hexdigest()[:16]
-    trainer = Trainer(w, len(tokens), t, lambda b: lm_loss(w, tokens, r.pad_id, t.max_length, metric, b),
-                      hooks=[metric], checkpoint_dir=r.out / "checkpoints" / "train", name="train", fingerprint=fingerprint, metrics=r.metrics)
-    history = trainer.run()
+    history = run_sft(w, [([], seq) for seq in _train_tokens(r)], r.cfg.train, r.pad_id,
+                      checkpoint_dir=r.out / "checkpoints" / "train", metrics=r.metrics)
     lora = w.gather_trainable()
     if r.rank == 0:
         (r.out / "train_log.json").write_text(json.dumps(history, indent=1))
