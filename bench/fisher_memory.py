@@ -36,6 +36,10 @@ BENCH_MODEL = dict(vocab_size=8000, hidden_size=640, intermediate_size=1728, num
                    num_attention_heads=8, num_key_value_heads=8)
 ONE_TENSOR = ["model.norm.weight"]
 ONE_LINEAR = ["model.layers.0.self_attn.k_proj.weight"]  # K-FAC's one-tensor run needs a Linear layer
+# ZeRO-3's peak depends on timing: under CPU load a gathered decoder layer and embedding (+16.07 MiB here)
+# can outlive their release point and land on the peak (1 run in 8 on a loaded 2-core machine, both the
+# one-tensor and the all-parameter runs). The smallest of three runs is the peak of the computation itself.
+RUNS = {"zero3": 3}
 
 
 class LiveStorages(TorchDispatchMode):
@@ -105,6 +109,13 @@ def _peak(backend: str, cfg: dict[str, int], params: list[str], bucket_mb: float
     return live.peak, sizes
 
 
+def _smallest_peak(backend: str, cfg: dict[str, int], params: list[str], bucket_mb: float, batch: dict,
+                   kfac: bool) -> tuple[int, dict]:
+    """The smallest of ``RUNS[backend]`` peaks (see ``RUNS``) and the sizes."""
+    runs = [_peak(backend, cfg, params, bucket_mb, batch, kfac) for _ in range(RUNS.get(backend, 1))]
+    return min(peak for peak, _ in runs), runs[0][1]
+
+
 def measure(rank: int, world: int, backends: list[str], cfg: dict[str, int], bucket_mb: float,
             kfac_params: list[str] | None = None) -> dict[str, dict]:
     """Per backend: this rank's peak statistics bytes (all-parameter run minus one-tensor run) and sizes;
@@ -112,14 +123,11 @@ def measure(rank: int, world: int, backends: list[str], cfg: dict[str, int], buc
     g = torch.Generator().manual_seed(rank)
     ids = torch.randint(0, cfg["vocab_size"], (2, 16), generator=g)
     batch = {"input_ids": ids, "labels": ids}
+    kfac = kfac_params is not None
     out = {}
     for backend in backends:
-        if kfac_params is None:
-            base, _ = _peak(backend, cfg, ONE_TENSOR, bucket_mb, batch)
-            peak, sizes = _peak(backend, cfg, ["*"], bucket_mb, batch)
-        else:
-            base, _ = _peak(backend, cfg, ONE_LINEAR, bucket_mb, batch, kfac=True)
-            peak, sizes = _peak(backend, cfg, kfac_params, bucket_mb, batch, kfac=True)
+        base, _ = _smallest_peak(backend, cfg, ONE_LINEAR if kfac else ONE_TENSOR, bucket_mb, batch, kfac)
+        peak, sizes = _smallest_peak(backend, cfg, kfac_params or ["*"], bucket_mb, batch, kfac)
         out[backend] = {"peak_stats": peak - base, "baseline_peak": base, "all_peak": peak, **sizes}
     return out
 
