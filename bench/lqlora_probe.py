@@ -6,76 +6,78 @@ quad = (f(W+d) + f(W-d)) / 2 - f(W). A weighted error can only control ``quad``.
 
     python bench/lqlora_probe.py        # ~7 min on the shared 2-core CPU at load 3-10; prints the rows of bench/results/lqlora_probe.log
 """
-import json, math, sys, time
+
+from __future__ import annotations
+
+import sys
+import time
 from pathlib import Path
+
 import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.lqlora import WORLD, tiny_fisher, nf4_bnb, paired_ci
+
+from bench.lqlora import WORLD, nf4_bnb, paired_ci, tiny_fisher
+from bench.lqlora_windows import first_windows, per_text_nll, perplexity, substituted, windows
+from fisherdist.data.batches import load_texts
 from fisherdist.methods.lqlora.decompose import lq_decompose
 from fisherdist.methods.lqlora.fisher_weights import FisherWeights
-from fisherdist.models.quant import QConfig
 from fisherdist.models.load import load_model_and_tokenizer
-from fisherdist.data.batches import load_texts
-torch.set_num_threads(2)
-model, tok = load_model_and_tokenizer(WORLD / "model"); model.eval()
-held = load_texts(WORLD / "data" / "general_heldout.jsonl", "text")
-bos = tok.bos_token_id
-def windows(texts, L=128):
-    out = []  # (text index, ids)
-    for i, t in enumerate(texts):
-        ids = tok(t, add_special_tokens=False)["input_ids"]
-        for s in range(0, len(ids), L - 1):
-            out.append((i, [bos] + ids[s:s + L - 1]))
+from fisherdist.models.quant import QConfig
+
+
+def lq_approximations(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Q + L1 L2 of every matrix, Fisher-weighted (``lqF``) and data-agnostic (``lqA``)."""
+    out: dict[str, dict] = {"lqF": {}, "lqA": {}}
+    for i, (n, w) in enumerate(weights.items()):
+        for label, weighting in (("lqF", FisherWeights.from_full(fisher[n])), ("lqA", None)):
+            r = lq_decompose(w, QConfig.parse("nf4"), 8, 10, weighting, seed=i)
+            out[label][n] = r.q.dequantize() + r.l1 @ r.l2
     return out
-W = windows(held)
-print("windows", len(W), "scored tokens", sum(len(x) - 1 for _, x in W))
-def per_text(texts_n=len(held), trunc=False):
-    rows = W if not trunc else [(i, x) for k, (i, x) in enumerate(W) if x[0] == bos and (k == 0 or W[k-1][0] != i)]
-    n = max(len(x) for _, x in rows)
-    ids = torch.zeros(len(rows), n, dtype=torch.long); mask = torch.zeros_like(ids)
-    for k, (_, x) in enumerate(rows):
-        ids[k, :len(x)] = torch.tensor(x); mask[k, :len(x)] = 1
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * mask[:, 1:]
-    out = torch.zeros(texts_n, 2, dtype=torch.float64)
-    for k, (i, _) in enumerate(rows):
-        out[i, 0] += float(nll[k].sum()); out[i, 1] += float(mask[k, 1:].sum())
-    return out
-params = dict(model.named_parameters())
-t0 = time.time()
-fisher = tiny_fisher(model, tok, 64, 128)
-print("fisher", time.time() - t0, flush=True)
-names = list(fisher)
-weights = {n: params[n].detach().clone() for n in names}
-def with_w(approx, fn):
-    with torch.no_grad():
-        for n in names: params[n].copy_(approx[n])
-    r = fn()
-    with torch.no_grad():
-        for n in names: params[n].copy_(weights[n])
-    return r
-ppl = lambda x: float((x[:, 0].sum() / x[:, 1].sum()).exp())
-base = per_text(); base_tr = per_text(trunc=True)
-print("base ppl all tokens", ppl(base), "trunc", ppl(base_tr), flush=True)
-nf4 = {n: nf4_bnb(w) for n, w in weights.items()}
-t0 = time.time()
-lqF = {}; lqA = {}
-for i, n in enumerate(names):
-    r = lq_decompose(weights[n], QConfig.parse("nf4"), 8, 10, FisherWeights.from_full(fisher[n]), seed=i)
-    lqF[n] = r.q.dequantize() + r.l1 @ r.l2
-    r = lq_decompose(weights[n], QConfig.parse("nf4"), 8, 10, None, seed=i)
-    lqA[n] = r.q.dequantize() + r.l1 @ r.l2
-print("decomp", time.time() - t0, flush=True)
-res = {}
-for lab, ap in [("nf4", nf4), ("lqF", lqF), ("lqA", lqA)]:
-    d = {n: ap[n] - weights[n] for n in names}
-    plus = with_w(ap, per_text); minus = with_w({n: weights[n] - d[n] for n in names}, per_text)
-    trunc = with_w(ap, lambda: per_text(trunc=True))
-    ferr = sum(float((fisher[n] * d[n] ** 2).sum()) for n in names) / sum(float((fisher[n] * weights[n] ** 2).sum()) for n in names)
-    nb = base[:, 0].sum() / base[:, 1].sum()
-    fp = plus[:, 0].sum() / plus[:, 1].sum() - nb; fm = minus[:, 0].sum() / minus[:, 1].sum() - nb
-    res[lab] = dict(plus=plus, trunc=trunc)
-    print(lab, f"ferr {ferr:.5f} ppl_all {ppl(plus):.3f} ppl_trunc {ppl(trunc):.3f} dNLL {float(fp):+.5f} lin {(float(fp-fm))/2:+.5f} quad {float(fp+fm)/2:+.5f}", flush=True)
-for lab in ["lqF", "lqA"]:
-    print(lab, "-nf4 CI all", paired_ci(res[lab]["plus"], res["nf4"]["plus"]), "trunc", paired_ci(res[lab]["trunc"], res["nf4"]["trunc"]))
+
+
+def probe(model, weights, fisher, approx, rows, n_texts, base) -> dict[str, torch.Tensor]:
+    """Prints the Fisher-weighted error and the odd / even split of the NLL change; per-text NLLs back."""
+    delta = {n: approx[n] - weights[n] for n in weights}
+    with substituted(model, approx):
+        plus = per_text_nll(model, rows, n_texts)
+        trunc = per_text_nll(model, first_windows(rows), n_texts)
+    with substituted(model, {n: weights[n] - delta[n] for n in weights}):
+        minus = per_text_nll(model, rows, n_texts)
+    ferr = (sum(float((fisher[n] * delta[n] ** 2).sum()) for n in weights)
+            / sum(float((fisher[n] * weights[n] ** 2).sum()) for n in weights))
+    nll = [float(x[:, 0].sum() / x[:, 1].sum()) for x in (base, plus, minus)]
+    up, down = nll[1] - nll[0], nll[2] - nll[0]
+    print(f"ferr {ferr:.5f} ppl_all {perplexity(plus):.3f} ppl_trunc {perplexity(trunc):.3f} dNLL {up:+.5f} "
+          f"lin {(up - down) / 2:+.5f} quad {(up + down) / 2:+.5f}", flush=True)
+    return {"plus": plus, "trunc": trunc}
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    model, tok = load_model_and_tokenizer(WORLD / "model")
+    model.eval()
+    held = load_texts(WORLD / "data" / "general_heldout.jsonl", "text")
+    rows = windows(tok, held)
+    print("windows", len(rows), "scored tokens", sum(len(x) - 1 for _, x in rows))
+    t0 = time.time()
+    fisher = tiny_fisher(model, tok, 64, 128)
+    print("fisher", time.time() - t0, flush=True)
+    params = dict(model.named_parameters())
+    weights = {n: params[n].detach().clone() for n in fisher}
+    base = per_text_nll(model, rows, len(held))
+    print("base ppl all tokens", perplexity(base), "trunc", perplexity(per_text_nll(model, first_windows(rows), len(held))))
+    t0 = time.time()
+    approximations = {"nf4": {n: nf4_bnb(w) for n, w in weights.items()}, **lq_approximations(weights, fisher)}
+    print("decomp", time.time() - t0, flush=True)
+    res = {}
+    for label, approx in approximations.items():
+        print(label, end=" ")
+        res[label] = probe(model, weights, fisher, approx, rows, len(held), base)
+    for label in ("lqF", "lqA"):
+        print(label, "-nf4 CI all", paired_ci(res[label]["plus"], res["nf4"]["plus"]),
+              "trunc", paired_ci(res[label]["trunc"], res["nf4"]["trunc"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,7 @@ import argparse
 import json
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from rich.console import Console
@@ -118,7 +118,7 @@ def measure(reps: int = 7, warmup: int = 2, threads: int = 2, console: Console |
         try:
             runs[name] = make(model, ids)
             runs[name]()
-        except Exception as exc:  # noqa: BLE001 - a baseline that cannot handle the model is reported, not fatal
+        except Exception as exc:
             errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             runs.pop(name, None)
     times: dict[str, list[float]] = {n: [] for n in runs}
