@@ -2,7 +2,7 @@
 #
 #   make install   create $(VENV) and install fisherdist with its test extras (once; again if pyproject.toml changes)
 #   make test      run the test suite
-#   make lint      ruff on the package and bench/, mypy --strict on fisher/, distributed/, optim/, plan/ (pyproject.toml)
+#   make lint      ruff on the package, bench/ and tests/, mypy --strict on fisher/, distributed/, optim/, plan/ (pyproject.toml)
 #   make demo      the main job on the built-in tiny world (2 local processes, CPU)   -> runs/demo
 #   make world     rebuild the tiny world from the bundled texts                      -> runs/world
 #
@@ -36,7 +36,7 @@ test: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fisherdist bench
+	$(VENV)/bin/ruff check fisherdist bench tests
 	$(VENV)/bin/mypy
 
 # The main job: SUV copyright unlearning on the shipped tiny world (configs/suv/tiny.yaml, FSDP2 x 2).

@@ -4,11 +4,11 @@ directly, before any fisherdist wrapper, would otherwise JIT-build it)."""
 
 import peft  # noqa: F401
 import safetensors.torch  # noqa: F401
-import torch  # noqa: F401
-import torch.distributed.checkpoint  # noqa: F401
-import torch.distributed.fsdp  # noqa: F401
+import torch
+import torch.distributed.checkpoint
+import torch.distributed.fsdp
 import torch.distributed.tensor  # noqa: F401
-import transformers  # noqa: F401
+import transformers
 import transformers.models.llama.modeling_llama  # noqa: F401
 
 from fisherdist.distributed.wrap_deepspeed import _import_deepspeed

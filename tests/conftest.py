@@ -9,6 +9,9 @@ import os
 
 import pytest
 
+# fixtures shared by the launcher tests: the toy job's single-process reference and the local Slurm cluster
+pytest_plugins = ["tests.launch_helpers", "tests.slurm_cluster"]
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

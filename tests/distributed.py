@@ -18,8 +18,9 @@ import queue as queue_module
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
@@ -82,7 +83,7 @@ def _entry(rank: int, world: int, port: int, env: dict[str, str], fn: Callable[.
         buf = io.BytesIO()  # plain bytes: tensors shared through the queue die with the child process
         torch.save(result, buf)
         queue.put((rank, "ok", buf.getvalue()))
-    except BaseException:  # noqa: BLE001 - forwarded to the parent
+    except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():

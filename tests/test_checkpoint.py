@@ -100,7 +100,7 @@ def _saved(tmp_path: Path) -> Path:
     ],
     ids=["truncated", "missing-shard", "missing-metadata", "bad-metadata", "flipped-byte"],
 )
-def test_damaged_checkpoint_errors_name_the_file(tmp_path: Path, damage, expected: str) -> None:  # noqa: ANN001
+def test_damaged_checkpoint_errors_name_the_file(tmp_path: Path, damage, expected: str) -> None:
     path = _saved(tmp_path)
     damage(path)
     with pytest.raises(CheckpointError, match=expected) as info:

@@ -90,7 +90,7 @@ def _fsdp1(rank: int, world: int) -> dict:
     units = fi.units(root)  # raises on any missing unit / FlatParameter attribute
     calls = []
 
-    def hook(state, grad, output):  # noqa: ANN001, ANN202 - FSDP1's convention
+    def hook(state, grad, output):
         calls.append((state, grad.numel(), output.numel()))
         from torch.distributed.algorithms._comm_hooks.default_hooks import DefaultState, reduce_scatter_hook
 

@@ -30,7 +30,7 @@ def direct_factors(layers: list[str]) -> dict[str, tuple[torch.Tensor, torch.Ten
     tokens = 0
     for i in range(N):
         acts, outs = {}, {}
-        def keep_io(m, inp, out, n):  # noqa: ANN001 - returns None so the output is unchanged
+        def keep_io(m, inp, out, n, acts=acts, outs=outs):  # returns None: the output is unchanged
             acts[n], outs[n] = inp[0], out
 
         hooks = [mods[n].register_forward_hook(lambda m, inp, out, n=n: keep_io(m, inp, out, n)) for n in layers]

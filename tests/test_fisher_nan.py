@@ -10,7 +10,6 @@ from fisherdist.fisher import FisherSpec, estimate_fisher
 from tests.fisher_oracle import dataset, oracle, tiny_llama
 from tests.test_fisher_engine import FULL, assert_rel_close
 
-
 MARK = 63  # a first token reserved for broken samples
 
 

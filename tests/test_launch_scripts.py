@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import free_port
-from tests.launch_helpers import REPO, STEPS, TOY, assert_same_result, job_env, load_result, toy_reference  # noqa: F401
+from tests.launch_helpers import REPO, STEPS, TOY, assert_same_result, job_env, load_result
 
 SCRIPTS = {"torchrun.sh": {"NPROC_PER_NODE": "2"}, "deepspeed.sh": {"NPROC_PER_NODE": "2"}, "mpiexec.sh": {"NPROC": "2"}}
 

@@ -13,8 +13,8 @@ import pytest
 
 from fisherdist.cli import main as cli_main
 from fisherdist.distributed.slurm import JobShape, render, submit
-from tests.launch_helpers import STEPS, TOY, assert_same_result, job_env, load_result, toy_reference  # noqa: F401
-from tests.slurm_cluster import SlurmCluster, slurm  # noqa: F401 - the session fixture
+from tests.launch_helpers import STEPS, TOY, assert_same_result, job_env, load_result
+from tests.slurm_cluster import SlurmCluster
 
 # 2 processes in every style, within the node's 2 CPUs: torchrun 1 task x 2 CPUs, srun/deepspeed 2 tasks x 1 CPU
 SHAPES = {"torchrun": JobShape(1, 0, 2, 2, "00:05:00"), "srun": JobShape(1, 0, 2, 1, "00:05:00"),
@@ -41,7 +41,7 @@ def test_template_matches_single_process_and_torchrun(slurm: SlurmCluster, tmp_p
     assert_same_result(load_result(tmp_path / "run"), toy_reference)
 
 
-def _wait_for(path: Path, predicate, timeout: float) -> None:  # noqa: ANN001
+def _wait_for(path: Path, predicate, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.is_file() and predicate(path.read_text()):
@@ -133,7 +133,7 @@ def test_real_fisher_recipe_torchrun_template_matches_single_process(slurm: Slur
                  tmp_path, env=env)  # fmt: skip
     state = slurm.wait_job(job, timeout=150)
     assert state == "COMPLETED", f"job {job} {state}\n{_job_output(tmp_path, job)[-4000:]}"
-    (ref, ref_counts, _), (got, got_counts, meta) = read_fisher(tmp_path / "single" / "fisher"), read_fisher(tmp_path / "slurm" / "fisher")
+    (ref, ref_counts, _), (got, got_counts, _) = read_fisher(tmp_path / "single" / "fisher"), read_fisher(tmp_path / "slurm" / "fisher")
     assert got_counts == ref_counts and ref_counts["samples"] == 16
     assert ref.keys() == got.keys() and all(ref[s].keys() == got[s].keys() for s in ref)
     for stat in ref:

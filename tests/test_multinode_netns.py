@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch_helpers import REPO, STEPS, TOY, assert_same_result, job_env, load_result, toy_reference  # noqa: F401
+from tests.launch_helpers import REPO, STEPS, TOY, assert_same_result, job_env, load_result
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -48,7 +48,7 @@ def two_nodes() -> tuple[tuple[str, str, str], tuple[str, str, str]]:
 
 
 @pytest.mark.timeout(150)
-def test_two_namespace_nodes_match_single_process(two_nodes, tmp_path: Path, toy_reference: dict) -> None:  # noqa: ANN001
+def test_two_namespace_nodes_match_single_process(two_nodes, tmp_path: Path, toy_reference: dict) -> None:
     (ns_a, veth_a, addr_a), (ns_b, veth_b, addr_b) = two_nodes
     procs = []
     for ns, veth, addr, host in ((ns_a, veth_a, addr_a, True), (ns_b, veth_b, addr_b, False)):

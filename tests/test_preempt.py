@@ -17,7 +17,7 @@ import pytest
 from fisherdist.distributed.checkpoint import ModelOptimizerState, RunCheckpointer
 from fisherdist.distributed.preempt import PREEMPTED_EXIT
 from tests._toy_train import SquaredGradSum, build
-from tests.launch_helpers import REPO, STEPS, TOY, assert_same_result, job_env, load_result, run_toy, toy_reference  # noqa: F401
+from tests.launch_helpers import REPO, STEPS, TOY, assert_same_result, job_env, load_result, run_toy
 
 
 def _agent(nproc: int, out: Path, *args: str) -> subprocess.Popen:

@@ -2,7 +2,7 @@
 
 import torch
 
-from fisherdist.fisher.layout import Fragment, Placement
+from fisherdist.fisher.layout import Placement
 from fisherdist.methods.suv.regularizer import FisherBarrier, differential_fisher
 from fisherdist.models.peft_utils import LoraSettings, adapted_modules, apply_lora
 from tests.distributed import run_distributed

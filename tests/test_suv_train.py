@@ -94,4 +94,4 @@ def test_zero2_zero3_two_ranks_equal_single_process():
                 assert abs(a["fisher_reg"] - b["fisher_reg"]) < 1e-6 * b["fisher_reg"], stage
             for n, t in want_w.items():
                 # ZeRO-2 (float64 model, float32 masters) and ZeRO-3 (float32 model) land at float32 round-off.
-                torch.testing.assert_close(weights[n].double(), t, rtol=1e-5, atol=1e-7, msg=lambda m: f"{stage} {n}: {m}")
+                torch.testing.assert_close(weights[n].double(), t, rtol=1e-5, atol=1e-7, msg=lambda m, where=f"{stage} {n}": f"{where}: {m}")

@@ -14,6 +14,7 @@ from fisherdist.models.load import load_model_and_tokenizer
 from fisherdist.world.build import build_world
 from fisherdist.world.measure import THRESHOLDS, measure_world, verdicts
 
+
 def test_shipped_world_has_each_behaviour():
     world = default_world_dir()
     model, tok = load_model_and_tokenizer(world / "model")
