@@ -59,7 +59,8 @@ def refresh(grads: Sequence[torch.Tensor], layout: Layout, side: str, rank: int,
     ``sketches`` are (oversample, power iterations, seed) per matrix for the randomized mode; a seed must
     be equal on every rank sharing the matrix (it names the parameter and step, not the rank).
     """
-    g = torch.stack([grad.to(compute_dtype(grad.dtype)) for grad in grads])
+    gs = [grad.to(compute_dtype(grad.dtype)) for grad in grads]
+    g = torch.stack(gs) if len(gs) > 1 else gs[0].unsqueeze(0)  # no copy of a lone float32 gradient
     r = min(rank, *layout.shape[:2])
     if subspace == "randomized":
         proj = _randomized(g, layout, side, r, sketches)
