@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from fisherdist.errors import ConfigError, FisherdistError
-from fisherdist.optim import GaLoreAdamW, NaturalGaLoreAdamW
-from fisherdist.optim import batching
+from fisherdist.optim import GaLoreAdamW, NaturalGaLoreAdamW, batching
 from fisherdist.optim.layout import Layout, chunk_bounds
 from fisherdist.optim.natural import natural_step, woodbury
 
