@@ -3,8 +3,9 @@
 ``right``: P is r x n, the low-rank gradient is G P^T (m x r) and rows stay where G's rows are.
 ``left``: P is m x r, the low-rank gradient is P^T G (r x n), a sum over row shards.
 Under FSDP2 (row shards) no rank forms the whole gradient: ``exact`` takes the eigenvectors of the
-all-reduced n x n Gram matrix, ``randomized`` runs Halko et al.'s range finder with Cholesky-QR, whose
-only collectives are k x k, n x k and k x n sums. On a whole matrix ``exact`` is ``torch.linalg.svd``,
+all-reduced n x n Gram matrix (each rank decomposing its share of a batch's), ``randomized`` runs Halko
+et al.'s range finder with Cholesky-QR, whose only collectives are k x k, n x k and k x n sums; a batch of
+matrices of one shape sums each as one stacked tensor. On a whole matrix ``exact`` is ``torch.linalg.svd``,
 exactly as galore-torch computes it (the parity mode).
 """
 
@@ -84,13 +85,22 @@ def _signs(vh: torch.Tensor) -> torch.Tensor:
 
 
 def _gram_eig(g: torch.Tensor, layout: Layout, side: str, r: int) -> torch.Tensor:
-    """Top-r singular vectors from the all-reduced Grams G^T G (k x n x n): V directly, U rows as G_i V / sigma."""
-    gram = layout.reduce(g.mT @ g).double()
-    evals, evecs = torch.linalg.eigh(gram)
+    """Top-r singular vectors from the all-reduced Grams G^T G (k x n x n): V directly, U rows as G_i V / sigma.
+
+    The k eigendecompositions are dealt out to the ranks (matrix j to rank j mod N) and their V and sigma
+    shared with one all-reduce of a zero-filled k x (n + 1) x r stack, so each rank pays ~1/N of them.
+    """
+    gram = layout.reduce(g.mT @ g)
+    index, parts = layout.world()
+    evals, evecs = torch.linalg.eigh(gram[index::parts].double())
     top = evecs[..., -r:].flip(-1)
     top = top * _signs(top.mT)[:, None, :]
-    sigma = evals[:, -r:].flip(-1).clamp_min(torch.finfo(torch.float64).tiny).sqrt()
-    proj: torch.Tensor = top.mT if side == "right" else (g.double() @ top) / sigma[:, None, :]
+    shared = torch.zeros((g.shape[0], gram.shape[-1] + 1, r), dtype=torch.float64, device=g.device)
+    shared[index::parts, :-1] = top
+    shared[index::parts, -1] = evals[:, -r:].flip(-1).clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    layout.reduce(shared)
+    top, sigma = shared[:, :-1], shared[:, -1:]
+    proj: torch.Tensor = top.mT if side == "right" else (g.double() @ top) / sigma
     return proj.to(g.dtype)
 
 
