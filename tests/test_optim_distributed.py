@@ -33,11 +33,12 @@ class Twin(torch.nn.Module):
 
 
 def make_model() -> torch.nn.Sequential:
-    """Two tall 11 x 5 (right projection, ragged rows), two wide 7 x 11 (left, uneven columns) and a 2 x 7
-    (a rank with no rows at 3 ranks)."""
+    """Two tall 11 x 5 (right projection, ragged rows), two wide 7 x 11 (left, uneven columns), a 2 x 7
+    (a rank with no rows at 3 ranks) and a 1 x 2 (rank 1 low-rank gradient: a rank with no columns at 3)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(Twin(5, 11, bias=False), torch.nn.Tanh(), Twin(11, 7, bias=True),
-                                torch.nn.Tanh(), torch.nn.Linear(7, 2, bias=False))
+                                torch.nn.Tanh(), torch.nn.Linear(7, 2, bias=False), torch.nn.Tanh(),
+                                torch.nn.Linear(2, 1, bias=False))
     return model.double()
 
 
@@ -54,7 +55,7 @@ def make_optimizer(model: torch.nn.Module, name: str, **extra: Any) -> torch.opt
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + step)
     return (torch.randn(7, 5, generator=gen, dtype=torch.float64),
-            torch.randn(7, 2, generator=gen, dtype=torch.float64))
+            torch.randn(7, 1, generator=gen, dtype=torch.float64))
 
 
 def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int, world: int) -> None:
@@ -80,7 +81,7 @@ def wrap(model: torch.nn.Module, backend: str) -> torch.nn.Module:
         return torch.nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
 
-    for layer in (model[0], model[2], model[4]):
+    for layer in (model[0], model[2], model[4], model[6]):
         fully_shard(layer)
     fully_shard(model)
     return model

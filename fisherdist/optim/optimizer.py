@@ -162,12 +162,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         whole r x n updates rebuilt from every rank's column slice with one all-reduce for the batch."""
         if side == "right":
             return scratch.updates
-        r, width = scratch.updates[0].shape
-        n = layout.shape[1]
-        full = self._buffer("low", (len(scratch.updates), r, n), scratch.update)
+        k, (r, width), n = len(scratch.updates), scratch.updates[0].shape, layout.shape[1]
+        full = self._buffer("low", (k, r, n), scratch.update)
         full.zero_()
         start, end = layout.columns(n)
-        full[:, :, start:end] = scratch.update.view(-1, r, width)
+        full[:, :, start:end] = scratch.update.view(k, r, width)  # width may be 0: no -1 in the view
         return list(layout.reduce(full).unbind(0))
 
     def _batch_scratch(self, window: int, shapes: list[tuple[int, int]], like: torch.Tensor) -> Scratch:
