@@ -60,15 +60,17 @@ def galore_groups(model: torch.nn.Module, rank: int) -> list[dict[str, Any]]:
              "proj_type": "std"}, {"params": rest}]
 
 
-def make_optimizer(name: str, model: torch.nn.Module, rank: int) -> torch.optim.Optimizer:
+def make_optimizer(name: str, model: torch.nn.Module, rank: int, ours: Any = None) -> torch.optim.Optimizer:
     """``adamw``, ``galore_torch``, ``galore``, ``natural`` (window in ``history_dtype``), ``natural_fp32``
     (window in the gradients' dtype, as configs/pretrain/tiny.yaml); a ``_randomized`` suffix picks GaLore 2's
-    subspace."""
-    import fisherdist.optim as ours
+    subspace. ``ours``: the package providing GaLore (default ``fisherdist.optim``; optimizers_fsdp2.py
+    passes another revision's)."""
+    if ours is None:
+        import fisherdist.optim as ours
 
     lr = SETTINGS["galore_lr"]
     if name.endswith("_randomized"):
-        opt = make_optimizer(name.removesuffix("_randomized"), model, rank)
+        opt = make_optimizer(name.removesuffix("_randomized"), model, rank, ours)
         opt.options["subspace"] = "randomized"  # type: ignore[attr-defined]
         return opt
     if name == "adamw":

@@ -1,6 +1,6 @@
-"""GaLore / Natural GaLore under FSDP2 (row shards, one rank holding zero rows) and DDP (whole-matrix
-owners) on 2-3 gloo ranks equal one process step for step; layer-wise mode equals the normal step; state
-saved through DCP on 2 ranks loads on 3 and training continues identically."""
+"""GaLore / Natural GaLore under FSDP2 (ragged row shards, one rank holding zero rows, same-shape matrices
+batched) and DDP (whole-matrix owners) on 2-3 gloo ranks equal one process step for step; layer-wise mode
+equals the normal step; state saved through DCP on 2 ranks loads on 3 and training continues identically."""
 
 from __future__ import annotations
 
@@ -20,11 +20,25 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+class Twin(torch.nn.Module):
+    """Two weights of one shape, a(x) + tanh(b(x)): the optimizer batches them (different gradients)."""
+
+    def __init__(self, inputs: int, outputs: int, bias: bool) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(inputs, outputs, bias=bias)
+        self.b = torch.nn.Linear(inputs, outputs, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + torch.tanh(self.b(x))
+
+
 def make_model() -> torch.nn.Sequential:
-    """Tall (right projection), wide (left, uneven columns) and 2 x 7 (a rank with no rows at 3 ranks)."""
+    """Two tall 11 x 5 (right projection, ragged rows), two wide 7 x 11 (left, uneven columns), a 2 x 7
+    (a rank with no rows at 3 ranks) and a 1 x 2 (rank 1 low-rank gradient: a rank with no columns at 3)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 11, bias=False), torch.nn.Tanh(), torch.nn.Linear(11, 7),
-                                torch.nn.Tanh(), torch.nn.Linear(7, 2, bias=False))
+    model = torch.nn.Sequential(Twin(5, 11, bias=False), torch.nn.Tanh(), Twin(11, 7, bias=True),
+                                torch.nn.Tanh(), torch.nn.Linear(7, 2, bias=False), torch.nn.Tanh(),
+                                torch.nn.Linear(2, 1, bias=False))
     return model.double()
 
 
@@ -41,7 +55,7 @@ def make_optimizer(model: torch.nn.Module, name: str, **extra: Any) -> torch.opt
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + step)
     return (torch.randn(7, 5, generator=gen, dtype=torch.float64),
-            torch.randn(7, 2, generator=gen, dtype=torch.float64))
+            torch.randn(7, 1, generator=gen, dtype=torch.float64))
 
 
 def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int, world: int) -> None:
@@ -67,7 +81,7 @@ def wrap(model: torch.nn.Module, backend: str) -> torch.nn.Module:
         return torch.nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
 
-    for layer in (model[0], model[2], model[4]):
+    for layer in (model[0], model[2], model[4], model[6]):
         fully_shard(layer)
     fully_shard(model)
     return model
@@ -94,8 +108,10 @@ def _runs(rank: int, world: int, backend: str) -> dict[str, Any]:
         opt = make_optimizer(model, name, **extra)
         train(model, opt, range(STEPS), rank, world)
         inner = model.module if backend == "ddp" else model
-        out[name + ("_layerwise" if extra else "")] = full_params(inner)
-        out[name + "_state_bytes"] = opt.state_bytes()  # type: ignore[attr-defined]
+        label = name + ("_layerwise" if extra else "")
+        out[label] = full_params(inner)
+        out[label + "_state_bytes"] = opt.state_bytes()  # type: ignore[attr-defined]
+        out[label + "_batched"] = max(len(key[1]) for key in opt._batches)  # type: ignore[attr-defined]
     return out
 
 
@@ -160,6 +176,7 @@ def test_ddp_fsdp2_on_2_and_3_ranks_equal_one_process_and_state_reshards_2_to_3(
             # state is split, not copied: each rank holds less than one process's whole state
             assert sum(runs[name + "_state_bytes"].values()) < one_rank_bytes
     for runs in [r["fsdp2"] for r in two + three]:
+        assert [runs[name + "_batched"] for name in CONFIGS] == [2] * len(CONFIGS)  # the twins: one batch
         assert_same(runs["natural_layerwise"], reference("natural"))
     for r in three:
         assert_same(r["resumed"], reference("natural"))

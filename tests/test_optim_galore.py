@@ -4,13 +4,14 @@ with galore-torch's GaLoreAdamW, and Natural GaLore against a dense float64 orac
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from fisherdist.errors import ConfigError, FisherdistError
-from fisherdist.optim import GaLoreAdamW, NaturalGaLoreAdamW
-from fisherdist.optim.layout import Layout
+from fisherdist.optim import GaLoreAdamW, NaturalGaLoreAdamW, batching
+from fisherdist.optim.layout import Layout, chunk_bounds
 from fisherdist.optim.natural import natural_step, woodbury
 
 SHAPES = [(12, 8), (6, 10), (9, 9)]  # tall, wide, square
@@ -213,3 +214,33 @@ def test_batched_same_shape_matrices_match_dense_oracle_and_survive_reload(windo
     for a, b in zip(oracle, ours):
         torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-9)
     assert len({key[0] for key in opt._batches if key[0] > 1}) >= 1  # some batch held several matrices
+
+
+@dataclass(frozen=True)
+class RankLayout(Layout):
+    """A row-sharded layout seen from rank ``index`` of ``parts`` without a process group."""
+
+    index: int = 0
+    parts: int = 1
+
+    def world(self) -> tuple[int, int]:
+        return self.index, self.parts
+
+
+def test_sharded_batches_are_cut_alike_on_every_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks holding 4, 4 and 3 rows of five 11 x 5 matrices (and 3, 3, 1 of 7 x 11; 1, 1, 0 of 2 x 7) cut
+    the same batches and refresh chunks, also where the scratch cap splits a batch: a rank cutting from its
+    own row count would pair different collectives with its peers'."""
+    monkeypatch.setattr(batching, "BATCH_BYTES", 432)  # 2 windows of the largest 11 x 5 shard, 3 of the smallest
+    shapes = [(11, 5)] * 5 + [(7, 11)] * 3 + [(2, 7)] * 2
+    cuts = []
+    for index in range(3):
+        layouts = [RankLayout(shape, mesh="mesh", index=index, parts=3) for shape in shapes]
+        bounds = [chunk_bounds(m, 3, index) for m, _ in shapes]
+        grads = [torch.zeros(end - start, n, dtype=torch.float64) for (start, end), (_, n) in zip(bounds, shapes)]
+        sides = ["right" if m >= n else "left" for m, n in shapes]
+        plan = batching.batches(grads, layouts, sides, [1] * len(shapes), rank=2, history=3)
+        cuts.append((plan, [batching.refresh_chunks(b, layouts[b[0]]) for b in plan]))
+    assert cuts[0] == cuts[1] == cuts[2]
+    tall = [b for b in cuts[0][0] if b[0] < 5]
+    assert len(tall) > 1 and max(len(b) for b in tall) > 1  # cut by the cap, yet batched

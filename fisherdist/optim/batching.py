@@ -4,8 +4,10 @@ A Llama has one copy of each projection shape per layer; stacking those copies l
 Natural GaLore's window step run as batched torch calls (bmm, batched solve), paying the per-call overhead
 once per batch instead of once per matrix. The window step only sees flattened low-rank gradients, so
 matrices batch together whenever their low-rank gradients have as many elements (a Llama's gate, up and
-down projections all give intermediate x r), whatever their shapes and sides. Only whole local matrices
-of one step batch together; a row-sharded (FSDP2) matrix runs alone, since its reductions are per matrix.
+down projections all give intermediate x r), whatever their shapes and sides. Row-sharded (FSDP2) matrices
+batch with those of the same global shape, side and mesh, so that every rank forms the same batches (its
+local row counts may differ from its peers') and each reduction of a batch is one collective on a stacked
+tensor instead of one per matrix.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fisherdist.optim.layout import Layout
+from fisherdist.optim.layout import Layout, chunk_bounds
 
 BATCH_BYTES = 64 * 2 ** 20
 """At most this much float scratch for one batch's stacked windows (or low-rank gradients without one)."""
@@ -34,14 +36,39 @@ def batches(grads: Sequence[torch.Tensor], layouts: Sequence[Layout], sides: Seq
     groups: dict[tuple[object, ...], list[int]] = {}
     for i, (grad, layout, side, step) in enumerate(zip(grads, layouts, sides, steps)):
         rows, r = low_shape(grad, side, rank)
-        key = (i,) if layout.sharded else (rows * r, grad.dtype, step)
+        key = (layout, side, grad.dtype, step) if layout.sharded else (rows * r, grad.dtype, step)
         groups.setdefault(key, []).append(i)
     out = []
     for members in groups.values():
-        rows, r = low_shape(grads[members[0]], sides[members[0]], rank)
-        per = max(1, BATCH_BYTES // max(1, max(history, 1) * rows * r * grads[members[0]].element_size()))
+        first = members[0]
+        size = history_bytes(grads[first], layouts[first], sides[first], rank, history)
+        per = max(1, BATCH_BYTES // max(1, size))
         out += [members[start: start + per] for start in range(0, len(members), per)]
     return out
+
+
+def history_bytes(grad: torch.Tensor, layout: Layout, side: str, rank: int, history: int) -> int:
+    """One matrix's widened window (or low-rank gradient) in scratch; for a row shard, the largest shard's
+    (the first), so that ranks holding fewer rows still cut the same batches."""
+    if not layout.sharded:
+        return max(history, 1) * math.prod(low_shape(grad, side, rank)) * grad.element_size()
+    rows, cols = low_shape(torch.empty(layout.shape, device="meta"), side, rank)
+    _, world = layout.world()
+    start, end = chunk_bounds(rows if side == "right" else cols, world, 0)  # rows (right) or columns (left)
+    return max(history, 1) * (end - start) * (cols if side == "right" else rows) * grad.element_size()
+
+
+def refresh_chunks(batch: list[int], layout: Layout) -> list[list[int]]:
+    """A batch cut for its refresh: a row-sharded batch into chunks of at most ``BATCH_BYTES`` of stacked
+    float32 gradient shards and float64 n x n Gram matrices (equal on every rank), whole matrices one by one
+    (they may differ in shape, and their exact SVD is galore-torch's per-matrix call)."""
+    if not layout.sharded:
+        return [[i] for i in batch]
+    m, n = layout.shape
+    _, world = layout.world()
+    start, end = chunk_bounds(m, world, 0)
+    per = max(1, BATCH_BYTES // ((end - start) * n * 4 + n * n * 8))
+    return [batch[i: i + per] for i in range(0, len(batch), per)]
 
 
 class Scratch:

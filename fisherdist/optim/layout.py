@@ -65,15 +65,6 @@ class Layout:
         index, parts = self.world()
         return chunk_bounds(n, parts, index)
 
-    def gather_columns(self, local: torch.Tensor, n: int) -> torch.Tensor:
-        """Rebuild the full ``(..., n)`` tensor from each rank's column slice with one all-reduce."""
-        if self.mesh is None:
-            return local
-        start, end = self.columns(n)
-        full = local.new_zeros((*local.shape[:-1], n))
-        full[..., start:end] = local
-        return self.reduce(full)
-
     def wrap(self, local: torch.Tensor, shape: Sequence[int], dim: int | None) -> torch.Tensor:
         """State as the checkpoint sees it: a DTensor sharded on ``dim`` (None: replicated), or ``local``."""
         if self.mesh is None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fisherdist.optim import adam, natural, owners, subspace
-from fisherdist.optim.batching import Scratch, batches
+from fisherdist.optim.batching import Scratch, batches, refresh_chunks
 from fisherdist.optim.layout import Layout, local
 from fisherdist.optim.state import StateParts, init_state, state_bytes
 from fisherdist.optim.validate import check_group, check_options, resolve_owner_mode
@@ -111,48 +111,63 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def _low_rank_step(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict[str, Any],
                        states: list[dict[str, Any]], steps: list[int]) -> None:
         """Per batch (``batching.batches``: whole matrices whose low-rank gradients have as many elements, or
-        one row-sharded matrix): project (refreshing the projector every ``update_proj_gap`` steps),
-        precondition, Adam into a zeroed buffer (which then holds -step size * m / (sqrt(v) + eps)), and add
-        that, projected back, to each weight with one ``addmm_`` (``scale`` as alpha). Temporaries live in
-        reused buffers."""
+        row-sharded ones of one global shape): project (refreshing the projectors every ``update_proj_gap``
+        steps), precondition, Adam into a zeroed buffer (which then holds -step size * m / (sqrt(v) + eps)),
+        and add that, projected back, to each weight with one ``addmm_`` (``scale`` as alpha). Temporaries
+        live in reused buffers."""
         gap, scale = int(group.get("update_proj_gap", 200)), float(group.get("scale", 1.0))
         proj_type = group.get("proj_type", "std")
         layouts = [Layout.of(p) for p in params]
         sides = [subspace.side_of(proj_type, layout.shape) for layout in layouts]
         for batch in batches(grads, layouts, sides, steps, int(group["rank"]), int(group["history"])):
-            step = steps[batch[0]]
+            step, layout, side = steps[batch[0]], layouts[batch[0]], sides[batch[0]]
             if (step - 1) % gap == 0:
-                for i in batch:
-                    self._refresh(params[i], grads[i], group, self.state[params[i]], layouts[i], sides[i], step - 1)
+                for chunk in refresh_chunks(batch, layout):
+                    self._refresh([params[i] for i in chunk], [grads[i] for i in chunk], group, layouts[chunk[0]],
+                                  sides[chunk[0]], step - 1)
             projs = [local(states[i]["projector"]) for i in batch]
             window = local(states[batch[0]]["history"]).shape[0] if "history" in states[batch[0]] else 0
-            scratch = self._project([grads[i] for i in batch], projs, [sides[i] for i in batch],
-                                    layouts[batch[0]], window)
+            scratch = self._project([grads[i] for i in batch], projs, [sides[i] for i in batch], layout, window)
             if window:
-                self._natural([params[i] for i in batch], scratch, group, layouts[batch[0]], step - 1, gap)
+                self._natural([params[i] for i in batch], scratch, group, layout, step - 1, gap)
             scratch.update.zero_()
             adam.apply(scratch.updates, scratch.lows, [states[i] for i in batch], group, [step] * len(batch))
-            for i, update, proj in zip(batch, scratch.updates, projs):
-                if sides[i] == "left":
-                    update = layouts[i].gather_columns(update, layouts[i].shape[1])
+            updates = self._whole_updates(scratch, layout, side) if layout.sharded else scratch.updates
+            for i, update, proj in zip(batch, updates, projs):
                 subspace.add_back(local(params[i]), update, proj, sides[i], scale)
 
     def _project(self, grads: list[torch.Tensor], projs: list[torch.Tensor], sides: list[str], layout: Layout,
                  window: int) -> Scratch:
         """The batch's scratch, holding its low-rank gradients (``layout``: the batch's, whole matrices or
-        one row-sharded one); a sharded ``left`` one keeps this rank's column slice."""
+        row-sharded ones of one shape); sharded ``left`` ones keep this rank's column slice, their sums over
+        shards taken by one all-reduce of the stacked r x n products."""
         shapes = [(g.shape[0], p.shape[0]) if side == "right" else (p.shape[1], g.shape[1])
                   for g, p, side in zip(grads, projs, sides)]
         if sides[0] == "left" and layout.sharded:
-            low = subspace.project(grads[0], projs[0], "left", layout, self._buffer("low", shapes[0], grads[0]))
+            full = self._buffer("low", (len(grads), *shapes[0]), grads[0])
+            for g, p, out in zip(grads, projs, full):
+                torch.mm(p.t(), g, out=out)
+            layout.reduce(full)
             start, end = layout.columns(shapes[0][1])
-            scratch = self._batch_scratch(window, [(shapes[0][0], end - start)], grads[0])
-            scratch.lows[0].copy_(low[:, start:end])
+            scratch = self._batch_scratch(window, [(shapes[0][0], end - start)] * len(grads), grads[0])
+            torch._foreach_copy_(scratch.lows, list(full[:, :, start:end].unbind(0)))
             return scratch
         scratch = self._batch_scratch(window, shapes, grads[0])
         for g, p, side, row in zip(grads, projs, sides, scratch.lows):
             subspace.project(g, p, side, layout, row)
         return scratch
+
+    def _whole_updates(self, scratch: Scratch, layout: Layout, side: str) -> list[torch.Tensor]:
+        """The updates a row-sharded batch adds back: local rows as they are (``right``), or (``left``) the
+        whole r x n updates rebuilt from every rank's column slice with one all-reduce for the batch."""
+        if side == "right":
+            return scratch.updates
+        k, (r, width), n = len(scratch.updates), scratch.updates[0].shape, layout.shape[1]
+        full = self._buffer("low", (k, r, n), scratch.update)
+        full.zero_()
+        start, end = layout.columns(n)
+        full[:, :, start:end] = scratch.update.view(k, r, width)  # width may be 0: no -1 in the view
+        return list(layout.reduce(full).unbind(0))
 
     def _batch_scratch(self, window: int, shapes: list[tuple[int, int]], like: torch.Tensor) -> Scratch:
         """The reused buffers of a batch of matrices whose low-rank gradients have ``shapes``."""
@@ -168,15 +183,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
             self._scratch[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return self._scratch[key]
 
-    def _refresh(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any],
+    def _refresh(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict[str, Any],
                  layout: Layout, side: str, step: int) -> None:
-        """A new projector from this gradient; the window restarts empty (which makes its Gram cache stale)."""
-        seed = hash((self.options["seed"], self._index[id(param)], step)) & (2 ** 62 - 1)
-        sketch = (int(self.options["oversample"]), int(self.options["power_iters"]), seed)
-        local(state["projector"]).copy_(subspace.refresh(grad, layout, side, int(group["rank"]),
-                                                         str(self.options["subspace"]), sketch))
-        if self.options["reset_history"] and "history" in state:
-            local(state["history"]).zero_()
+        """New projectors from these gradients (one whole matrix, or row-sharded ones of one shape); their
+        windows restart empty (which makes their Gram caches stale)."""
+        opts = self.options
+        sketches = [(int(opts["oversample"]), int(opts["power_iters"]),
+                     hash((opts["seed"], self._index[id(p)], step)) & (2 ** 62 - 1)) for p in params]
+        projs = subspace.refresh(grads, layout, side, int(group["rank"]), str(opts["subspace"]), sketches)
+        for param, proj in zip(params, projs):
+            state = self.state[param]
+            local(state["projector"]).copy_(proj)
+            if opts["reset_history"] and "history" in state:
+                local(state["history"]).zero_()
 
     def _natural(self, params: list[torch.Tensor], scratch: Scratch, group: dict[str, Any], layout: Layout,
                  step: int, gap: int) -> None:
