@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -125,9 +126,21 @@ def _fold_one(m: AdaptedModule, sign: float) -> None:
     add_rows(m.module.base_layer.weight, lambda r0, r1: (b[r0:r1] @ a) * s)
 
 
-def lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full copies of every LoRA factor, keyed by parameter FQN (collective; a few MB even at 70B)."""
-    return {n: full_value(p).cpu().clone() for n, p in model.named_parameters() if ".lora_" in n}
+def lora_tensors(model: nn.Module, owns: Callable[[str], bool] = lambda fqn: ".lora_" in fqn) -> dict[str, torch.Tensor]:
+    """Full copies of every LoRA factor (or of every parameter ``owns`` names), keyed by parameter FQN
+    (collective; a few MB even at 70B)."""
+    return {n: full_value(p).cpu().clone() for n, p in model.named_parameters() if owns(n)}
+
+
+@dataclass(frozen=True)
+class ExtraDelta:
+    """A method's own update of the adapted weights beyond PEFT's s*B*A (AlignGuard-LoRA's second adapter):
+    ``owns(fqn)`` names its parameters (small; never written as base tensors, gathered whole for the merge)
+    and ``delta(module, gathered)`` is its dense (d_out, d_in) update of one adapted module, formed on the
+    writing rank from those gathered tensors (one module at a time)."""
+
+    owns: Callable[[str], bool]
+    delta: Callable[[AdaptedModule, dict[str, torch.Tensor]], torch.Tensor]
 
 
 class _ShardWriter:
@@ -161,16 +174,18 @@ class _ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
-def _merged_fn(model: nn.Module, lora: dict[str, torch.Tensor]) -> Callable[[str, torch.Tensor], torch.Tensor]:
-    """fqn, full W -> W + s*B*A for adapted base weights (as PEFT's merge), W otherwise."""
-    by_weight = {m.base_weight_fqn: (m.name, scaling(m)) for m in adapted_modules(model)}
+def _merged_fn(model: nn.Module, lora: dict[str, torch.Tensor],
+               extra: ExtraDelta | None) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """fqn, full W -> W + s*B*A (+ the extra delta) for adapted base weights (as PEFT's merge), W otherwise."""
+    by_weight = {m.base_weight_fqn: m for m in adapted_modules(model)}
 
     def merge(fqn: str, w: torch.Tensor) -> torch.Tensor:
         if fqn not in by_weight:
             return w
-        name, s = by_weight[fqn]
-        a, b = lora[f"{name}.lora_A.default.weight"], lora[f"{name}.lora_B.default.weight"]
-        return w + (b.to(w.dtype) @ a.to(w.dtype)) * s
+        m = by_weight[fqn]
+        a, b = lora[f"{m.name}.lora_A.default.weight"], lora[f"{m.name}.lora_B.default.weight"]
+        merged = w + (b.to(w.dtype) @ a.to(w.dtype)) * scaling(m)
+        return merged if extra is None else merged + extra.delta(m, lora).to(w.dtype)
 
     return merge
 
@@ -185,19 +200,23 @@ def _rank0_dir(out: Path) -> Iterator[Path | None]:
 
 
 def export_base(model: nn.Module, config_dir: str | Path, out: str | Path, merge: bool,
-                shard_bytes: int = 2 << 30) -> Path:
-    """The base as it is now (rewritten or not) as a HF directory, or (``merge``) with s*B*A added.
+                shard_bytes: int = 2 << 30, extra: ExtraDelta | None = None) -> Path:
+    """The base as it is now (rewritten or not) as a HF directory, or (``merge``) with s*B*A (and
+    ``extra``'s delta) added.
 
     Collective: every rank gathers one parameter at a time; rank 0 writes shards of ``shard_bytes``;
     ``config_dir`` (the original model) provides config.json and the tokenizer."""
     from fisherdist.models.export import copy_tokenizer
 
-    lora = lora_tensors(model) if merge else {}
-    fn = _merged_fn(model, lora) if merge else (lambda _fqn, w: w)
+    def adapter(fqn: str) -> bool:
+        return ".lora_" in fqn or (extra is not None and extra.owns(fqn))
+
+    lora = lora_tensors(model, adapter) if merge else {}
+    fn = _merged_fn(model, lora, extra) if merge else (lambda _fqn, w: w)
     with _rank0_dir(Path(out)) as tmp:
         writer = _ShardWriter(tmp, shard_bytes) if tmp is not None else None
         for fqn, p in model.named_parameters():
-            if ".lora_" in fqn:
+            if adapter(fqn):
                 continue
             full = full_value(p)
             if writer is not None:

@@ -4,9 +4,11 @@
 node). Here the architecture is built with its *parameters* on the meta device (buffers such as the
 rotary ``inv_freq`` stay real; accelerate's ``init_empty_weights``), adapted (LoRA) and wrapped with
 ``fully_shard``; then each rank allocates its local shards and copies its rows out of the memory-mapped
-safetensors files (``get_slice`` reads only those bytes). Parameters that the checkpoint lacks (LoRA
-factors) are initialised on CPU from a generator seeded by their name, identically on every rank, as PEFT
-initialises them (A: Kaiming-uniform, B: zeros).
+safetensors files (``get_slice`` reads only those bytes). Parameters that the checkpoint lacks are either
+a method's own adapter that ``prepare`` created with real values (small, e.g. AlignGuard-LoRA's C and A_a:
+each rank keeps its shard of them, so they equal the full load's), or PEFT's LoRA factors (created on the
+meta device with their base layer), initialised on CPU from a generator seeded by their name, identically
+on every rank, as PEFT initialises them (A: Kaiming-uniform, B: zeros).
 """
 
 from __future__ import annotations
@@ -93,18 +95,33 @@ def to_empty_keep_buffers(model: nn.Module, device: torch.device | str) -> nn.Mo
     return model
 
 
+def _real_shards(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Local shards of the parameters that are not on the meta device (created with values by ``prepare``,
+    a method's own small adapter): ``to_empty`` would discard them."""
+    out = {}
+    for fqn, param in model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if not local.is_meta:
+            out[fqn] = local.detach().clone()
+    return out
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, path: str | Path, device: torch.device | str, seed: int = 0) -> None:
-    """Allocate every local shard on ``device`` and fill it from ``path`` (after ``fully_shard``)."""
+    """Allocate every local shard on ``device`` and fill it from ``path`` (after ``fully_shard``); parameters
+    that already had values keep them."""
     from safetensors import safe_open
 
+    kept = _real_shards(model)
     to_empty_keep_buffers(model, device)
     files = checkpoint_files(path)
     handles: dict[Path, Any] = {}
     for fqn, param in model.named_parameters():
         local, r0, rows = _local_rows(param)
         name = checkpoint_name(fqn)
-        if name in files:
+        if fqn in kept:
+            value = kept[fqn]
+        elif name in files:
             f = handles.setdefault(files[name], safe_open(str(files[name]), framework="pt"))
             value = f.get_slice(name)[r0 : r0 + rows]
         else:

@@ -99,17 +99,17 @@ def train(r: Ctx) -> None:
 
 
 def evaluate(r: Ctx) -> None:
-    """Base and every arm's merged model: refusal, over-refusal, task accuracy, perplexity -> report."""
-    from transformers import AutoModelForCausalLM
-
+    """Base and every arm's merged model: refusal, over-refusal, task accuracy, perplexity -> report.
+    Each model is loaded as the run's config says (``recipes.lora_run.plain_model``: one copy sharded over
+    the ranks with ``model.load=sharded`` or ZeRO-3, else one per rank); the ranks split the prompts."""
     from fisherdist.eval.alignment import evaluate as eval_model
     from fisherdist.eval.alignment import write_drift_report
+    from fisherdist.recipes.lora_run import plain_model
 
     data = eval_data(r)
 
     def one(path: Any) -> dict[str, float]:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=r.dtype).to(r.env.device).eval()
-        return eval_model(model, r.tokenizer, data)
+        return eval_model(plain_model(r, path), r.tokenizer, data)
 
     before = one(r.cfg.model.path)
     after = {arm: one(r.out / "models" / arm) for arm in r.cfg.train.arms}

@@ -1,0 +1,162 @@
+"""AlignGuard-LoRA at scale (``model.load=sharded``): the stages ``train`` (the agl arm) and ``eval`` on 2 gloo
+ranks under FSDP2 with row-sharded loading, against the same stages in one process with whole-model loading
+(float64, shortened tiny world): the sharded load gives C, A_a and the LoRA factors the full load's values,
+the run logs the same losses and penalties, the streamed merged export W + dW_A + dW_T holds the same
+tensors, and the evaluation of the sharded models gives the same report. The merged export is also checked
+against the live adapted model it came from (same logits, independently of the export code)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fisherdist import cli
+from fisherdist.config import default_world_dir, load_config
+from fisherdist.data.jsonl import write_jsonl
+from tests.distributed import run_distributed
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "agl" / "tiny.yaml"
+SUBSETS = {"train": ("drift_train", 10), "task_eval": ("drift_eval", 3), "unsafe": ("unsafe_prompts", 4),
+           "safe": ("safe_prompts", 3), "heldout": ("general_heldout", 2)}
+TERMS = ("nll", "agl_loss", "agl_fisher", "agl_curvature", "agl_overlap", "agl_separation")
+
+
+def _overrides(tmp: Path, out: Path, backend: str) -> list[str]:
+    files = {}
+    for key, (stem, n) in SUBSETS.items():
+        src = default_world_dir() / "data" / f"{stem}.jsonl"
+        files[key] = tmp / f"{stem}.jsonl"
+        if not files[key].is_file():
+            write_jsonl(files[key], [json.loads(line) for line in src.read_text().splitlines()[:n]])
+    sharded = ["model.load=sharded", "dist.nproc=2", "train.batch_size=2"] if backend != "none" else ["train.batch_size=4"]
+    # 10 records, global batch 4: a ragged last step; lr high enough that every factor moves visibly
+    return [f"data.{k}={v}" for k, v in files.items()] + [
+        f"data.alignment=[{files['unsafe']}]", "train.arms=[agl]", "train.epochs=1",
+        "train.lr=0.05", "train.curve_every=2", "fisher.subspace=4", "fisher.batch_size=4", "model.dtype=float64",
+        f"dist.backend={backend}", *sharded, f"out={out}"]
+
+
+def _adapter_values(wrapped: Any) -> dict[str, torch.Tensor]:
+    from fisherdist.models.lora_base import lora_tensors
+
+    return lora_tensors(wrapped.unwrapped, lambda fqn: ".lora_" in fqn or ".agl." in fqn)
+
+
+def _ranks(rank: int, world: int, overrides: list[str]) -> dict[str, torch.Tensor]:
+    """Both stages on the sharded model; returns the adapter as the sharded load initialises it."""
+    from fisherdist.methods.agl import run_arm, stages
+    from fisherdist.methods.agl.config import AglConfig
+    from fisherdist.models.sharded_load import load_wrapped
+    from fisherdist.recipes.stages import open_run
+
+    r = open_run(load_config(AglConfig, CONFIG, overrides), "")
+    w = load_wrapped(r.cfg.model.path, r.dtype, "fsdp2", "cpu", load="sharded", prepare=run_arm._prepare(r, "agl"),
+                     seed=r.cfg.train.seed)
+    assert all(p.to_local().numel() < p.numel() for n, p in w.unwrapped.named_parameters() if ".agl.a" in n)
+    initial = _adapter_values(w)
+    stages.train(r)
+    stages.evaluate(r)
+    return initial
+
+
+def _merged(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dict[str, torch.Tensor]]]:
+    """The single-process run (fisher, train, eval), then train + eval on 2 FSDP2 ranks from its fisher/."""
+    tmp = tmp_path_factory.mktemp("agl_scale")
+    single, sharded = tmp / "single", tmp / "sharded"
+    assert cli.main(["agl", "run", str(CONFIG), *_overrides(tmp, single, "none")]) == 0
+    shutil.copytree(single / "fisher", sharded / "fisher")
+    initial = run_distributed(_ranks, 2, _overrides(tmp, sharded, "fsdp2"), timeout=300)
+    return single, sharded, initial
+
+
+def test_sharded_load_initialises_the_alignment_adapter_as_the_full_load(runs: Any) -> None:
+    from fisherdist.methods.agl import run_arm
+    from fisherdist.methods.agl.config import AglConfig
+    from fisherdist.recipes.stages import open_run
+
+    single, _, initial = runs
+    r = open_run(load_config(AglConfig, CONFIG, _overrides(single.parent, single, "none")), "")
+    from fisherdist.models.sharded_load import load_wrapped
+
+    w = load_wrapped(r.cfg.model.path, r.dtype, "none", "cpu", prepare=run_arm._prepare(r, "agl"), seed=r.cfg.train.seed)
+    want = _adapter_values(w)
+    assert len(want) == 16 * 4 and sum(".agl." in n for n in want) == 32  # q, k, v, o of 4 layers: B, A, C, A_a
+    for got in initial:
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            assert torch.equal(got[name], value), name
+    assert all(float(v.abs().max()) > 0 for n, v in want.items() if n.endswith(".agl.a"))
+
+
+def test_sharded_run_logs_the_single_process_losses(runs: Any) -> None:
+    single, sharded, _ = runs
+    want = json.loads((single / "train_log_agl.json").read_text())
+    got = json.loads((sharded / "train_log_agl.json").read_text())
+    assert len(want) == 3 and want[-1]["agl_loss"] > 0
+    for g, w in zip(got, want, strict=True):
+        for key in TERMS:
+            assert g[key] == pytest.approx(w[key], rel=1e-9, abs=1e-12), (g["step"], key)
+
+
+def test_streamed_export_equals_the_single_process_export(runs: Any) -> None:
+    from safetensors.torch import load_file
+
+    single, sharded, _ = runs
+    want, got = _merged(single / "models" / "agl"), _merged(sharded / "models" / "agl")
+    assert got.keys() == want.keys() and not any(".agl." in k or "lora" in k for k in got)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-12, atol=1e-13, msg=name)
+    base = load_file(str(default_world_dir() / "model" / "model.safetensors"))
+    moved = [k for k in got if not torch.equal(got[k].float(), base[k])]
+    assert len(moved) == 16 and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
+                                    for k in moved)
+
+
+def test_merged_export_computes_the_adapted_model(tmp_path: Path) -> None:
+    """Logits of the merged directory == logits of the adapted model it came from (W + dW_A + dW_T, both
+    adapters live: PEFT's LoRA and the alignment adapter's forward hook), away from B = 0, C = 0."""
+    from transformers import AutoModelForCausalLM
+
+    from fisherdist.methods.agl.adapters import merged_delta
+    from fisherdist.models.lora_base import export_base
+    from tests.test_agl_hooks import _model
+    from tests.tiny_hf import build_model_dir
+
+    model = _model().eval()
+    export_base(model, build_model_dir(tmp_path), tmp_path / "merged", merge=True, shard_bytes=20_000,
+                extra=merged_delta())
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float64,  # (eager softmax: fp32)
+                                                  attn_implementation=model.config._attn_implementation).eval()
+    ids = torch.tensor([[1, 17, 5, 40, 8, 9, 2, 33]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-10, atol=1e-10)
+        with model.disable_adapter():  # (disable_adapter leaves the forward hook on: drop dW_A by hand)
+            base = model(input_ids=ids).logits
+    assert float((want - base).abs().max()) > 1e-3  # the adapters change the output: the check is not vacuous
+
+
+def test_sharded_eval_equals_whole_model_eval(runs: Any) -> None:
+    single, sharded, _ = runs
+    want = json.loads((single / "drift_report.json").read_text())
+    got = json.loads((sharded / "drift_report.json").read_text())
+    assert got["before"]["unsafe_refusal"] == 1.0
+    for part in ("before", "after"):
+        flat_w = want[part] if part == "before" else want[part]["agl"]
+        flat_g = got[part] if part == "before" else got[part]["agl"]
+        for key, value in flat_w.items():
+            assert flat_g[key] == pytest.approx(value, rel=1e-9), (part, key)
+    assert got["forgetting_curve"] == want["forgetting_curve"]
