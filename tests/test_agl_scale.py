@@ -180,3 +180,18 @@ def test_sharded_eval_equals_whole_model_eval(runs: Any) -> None:
         for key, value in flat_w.items():
             assert flat_g[key] == pytest.approx(value, rel=1e-9), (part, key)
     assert got["forgetting_curve"] == want["forgetting_curve"]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs" / "agl").glob("llama-*.yaml")))
+def test_real_scale_recipes_parse(recipe: str) -> None:
+    """The 7B / 13B / 70B recipes are valid AglConfigs once model and data point at files that exist; the 70B
+    ones load sharded on a backend that can."""
+    world = default_world_dir() / "data"
+    files = {"train": "drift_train", "task_eval": "drift_eval", "unsafe": "unsafe_prompts", "safe": "safe_prompts",
+             "heldout": "general_heldout"}
+    from fisherdist.methods.agl.config import AglConfig
+
+    cfg = load_config(AglConfig, CONFIG.parent / recipe, ["model.path=@world/model", f"data.alignment=[{world / 'unsafe_prompts.jsonl'}]",
+                                                          *(f"data.{k}={world / v}.jsonl" for k, v in files.items())])
+    assert cfg.fisher.subspace == 128 and "agl" in cfg.train.arms
+    assert (cfg.model.load, cfg.dist.backend in ("fsdp2", "zero3")) == (("sharded", True) if "70b" in recipe else ("full", False))

@@ -50,7 +50,8 @@ def fisher(r: Ctx) -> None:
     from fisherdist.models.sharded_load import load_wrapped
 
     f, m = r.cfg.fisher, r.cfg.model
-    w = load_wrapped(m.path, r.dtype, r.cfg.dist.backend, r.env.device, **r.cfg.backend_options(f.batch_size, None))
+    w = load_wrapped(m.path, r.dtype, r.cfg.dist.backend, r.env.device, load=m.load,
+                     **r.cfg.backend_options(f.batch_size, None))
     device = next(w.unwrapped.parameters()).device
     batches = rank_batches(alignment_pairs(r), f.batch_size, f.max_length, r.pad_id, r.rank, r.world, device)
     bases = alignment_bases(w, batches, r.cfg.lora.targets, f.subspace)
