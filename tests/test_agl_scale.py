@@ -49,13 +49,16 @@ def _adapter_values(wrapped: Any) -> dict[str, torch.Tensor]:
 
 
 def _ranks(rank: int, world: int, overrides: list[str], zero3: list[str]) -> dict[str, torch.Tensor]:
-    """Both stages on the FSDP2-sharded model, then (``zero3``) the train stage on ZeRO-3 partitions; returns
+    """The fisher stage (its own output), then train and eval (from the single run's bases) on the
+    FSDP2-sharded model, then (``zero3``) the train stage on ZeRO-3 partitions; returns
     the adapter as the FSDP2 sharded load initialises it."""
     from fisherdist.methods.agl import run_arm, stages
     from fisherdist.methods.agl.config import AglConfig
     from fisherdist.models.sharded_load import load_wrapped
     from fisherdist.recipes.stages import open_run
 
+    fisher_out = Path(overrides[-1].removeprefix("out=")).parent / "fisher_sharded"
+    stages.fisher(open_run(load_config(AglConfig, CONFIG, [*overrides, f"out={fisher_out}"]), ""))
     r = open_run(load_config(AglConfig, CONFIG, overrides), "")
     w = load_wrapped(r.cfg.model.path, r.dtype, "fsdp2", "cpu", load="sharded", prepare=run_arm._prepare(r, "agl"),
                      seed=r.cfg.train.seed)
@@ -103,6 +106,23 @@ def test_sharded_load_initialises_the_alignment_adapter_as_the_full_load(runs: A
         for name, value in want.items():
             assert torch.equal(got[name], value), name
     assert all(float(v.abs().max()) > 0 for n, v in want.items() if n.endswith(".agl.a"))
+
+
+def test_sharded_fisher_stage_gives_the_single_process_bases(runs: Any) -> None:
+    """Per-module alignment bases from the row-sharded model: the same eigenvalues and eigenvectors (up to
+    sign) as from the whole model."""
+    from safetensors.torch import load_file
+
+    single, _, _ = runs
+    want = load_file(str(single / "fisher" / "bases.safetensors"))
+    got = load_file(str(single.parent / "fisher_sharded" / "fisher" / "bases.safetensors"))
+    assert got.keys() == want.keys() and len(want) == 16 * 5
+    for name, value in want.items():
+        if name.endswith("vectors"):
+            torch.testing.assert_close((got[name] * value).sum(0).abs(), torch.ones(value.shape[1], dtype=value.dtype),
+                                       rtol=0, atol=1e-6, msg=name)
+        else:
+            torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-9, msg=name)
 
 
 def test_sharded_run_logs_the_single_process_losses(runs: Any) -> None:
