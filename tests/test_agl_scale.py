@@ -58,7 +58,7 @@ def _ranks(rank: int, world: int, overrides: list[str], zero3: list[str]) -> dic
     from fisherdist.recipes.stages import open_run
 
     fisher_out = Path(overrides[-1].removeprefix("out=")).parent / "fisher_sharded"
-    stages.fisher(open_run(load_config(AglConfig, CONFIG, [*overrides, f"out={fisher_out}"]), ""))
+    stages.fisher(open_run(load_config(AglConfig, CONFIG, [*overrides, f"out={fisher_out}", "train.arms=[ewc,agl]"]), ""))
     r = open_run(load_config(AglConfig, CONFIG, overrides), "")
     w = load_wrapped(r.cfg.model.path, r.dtype, "fsdp2", "cpu", load="sharded", prepare=run_arm._prepare(r, "agl"),
                      seed=r.cfg.train.seed)
@@ -82,6 +82,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dic
     tmp = tmp_path_factory.mktemp("agl_scale")
     single, sharded = tmp / "single", tmp / "sharded"
     assert cli.main(["agl", "run", str(CONFIG), *_overrides(tmp, single, "none")]) == 0
+    assert cli.main(["agl", "fisher", str(CONFIG), *_overrides(tmp, tmp / "single_ewc", "none"), "train.arms=[ewc]"]) == 0
     for run in (sharded, tmp / "zero3"):
         shutil.copytree(single / "fisher", run / "fisher")
     zero3 = [*_overrides(tmp, tmp / "zero3", "zero3"), "model.dtype=float32"]
@@ -123,6 +124,20 @@ def test_sharded_fisher_stage_gives_the_single_process_bases(runs: Any) -> None:
                                        rtol=0, atol=1e-6, msg=name)
         else:
             torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_streamed_ewc_diagonal_equals_the_single_process_one(runs: Any) -> None:
+    """The EWC diagonal written one module at a time (shards + index) from the sharded fisher stage is the
+    single-process one, mean-normalised over all entries."""
+    single, _, _ = runs
+    want = _merged(single.parent / "single_ewc" / "fisher" / "ewc")
+    got = _merged(single.parent / "fisher_sharded" / "fisher" / "ewc")
+    assert got.keys() == want.keys() and len(want) == 16
+    total = sum(float(v.double().sum()) for v in want.values())
+    assert total / sum(v.numel() for v in want.values()) == pytest.approx(1.0, rel=1e-6)
+    for name, value in want.items():
+        assert value.shape == (192, 192) or value.shape[1] == 192
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_sharded_run_logs_the_single_process_losses(runs: Any) -> None:

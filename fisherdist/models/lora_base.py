@@ -143,7 +143,7 @@ class ExtraDelta:
     delta: Callable[[AdaptedModule, dict[str, torch.Tensor]], torch.Tensor]
 
 
-class _ShardWriter:
+class ShardWriter:
     """safetensors files of about ``shard_bytes`` each, written as they fill, plus the HF index."""
 
     def __init__(self, folder: Path, shard_bytes: int) -> None:
@@ -191,7 +191,8 @@ def _merged_fn(model: nn.Module, lora: dict[str, torch.Tensor],
 
 
 @contextlib.contextmanager
-def _rank0_dir(out: Path) -> Iterator[Path | None]:
+def rank0_dir(out: Path) -> Iterator[Path | None]:
+    """Rank 0: a temporary sibling of ``out`` swapped in on success (``atomic_dir``); other ranks: None."""
     if rank() != 0:
         yield None
         return
@@ -213,8 +214,8 @@ def export_base(model: nn.Module, config_dir: str | Path, out: str | Path, merge
 
     lora = lora_tensors(model, adapter) if merge else {}
     fn = _merged_fn(model, lora, extra) if merge else (lambda _fqn, w: w)
-    with _rank0_dir(Path(out)) as tmp:
-        writer = _ShardWriter(tmp, shard_bytes) if tmp is not None else None
+    with rank0_dir(Path(out)) as tmp:
+        writer = ShardWriter(tmp, shard_bytes) if tmp is not None else None
         for fqn, p in model.named_parameters():
             if adapter(fqn):
                 continue
@@ -243,7 +244,7 @@ def save_adapter(model: nn.Module, out: str | Path, base_dir: str | Path) -> Pat
     from safetensors.torch import save_file
 
     tensors = {n.replace(".default.", "."): t.contiguous() for n, t in lora_tensors(model).items()}
-    with _rank0_dir(Path(out)) as tmp:
+    with rank0_dir(Path(out)) as tmp:
         if tmp is not None:
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             config = copy.copy(model.peft_config["default"])

@@ -1,7 +1,7 @@
 """The AlignGuard-LoRA pipeline: fisher -> train (every arm) -> eval, as stages that hand over files.
 
 Files under ``out``: ``fisher/bases.safetensors`` (per-module U, eigenvalues, curvature diagonal),
-``fisher/ewc.safetensors`` (diagonal Fisher of the adapted base weights), ``train_log_<arm>.json``,
+``fisher/ewc/`` (diagonal Fisher of the adapted base weights, safetensors shards + index), ``train_log_<arm>.json``,
 ``curves.json`` (forgetting curves), ``models/<arm>/`` (merged HF directories), ``drift_report.{json,png}``.
 """
 
@@ -46,7 +46,7 @@ def fisher(r: Ctx) -> None:
     """Alignment Fisher of the base model: per-module K-FAC output bases (AGL) and the diagonal (EWC)."""
     from safetensors.torch import save_file
 
-    from fisherdist.methods.agl.fisher import alignment_bases, ewc_diagonal, rank_batches
+    from fisherdist.methods.agl.fisher import alignment_bases, rank_batches, save_ewc_diagonal
     from fisherdist.models.sharded_load import load_wrapped
 
     f, m = r.cfg.fisher, r.cfg.model
@@ -55,13 +55,12 @@ def fisher(r: Ctx) -> None:
     device = next(w.unwrapped.parameters()).device
     batches = rank_batches(alignment_pairs(r), f.batch_size, f.max_length, r.pad_id, r.rank, r.world, device)
     bases = alignment_bases(w, batches, r.cfg.lora.targets, f.subspace)
-    ewc = ewc_diagonal(w, batches, r.cfg.lora.targets) if "ewc" in r.cfg.train.arms else {}
     if r.rank == 0:
         (r.out / "fisher").mkdir(parents=True, exist_ok=True)
         flat = {f"{k}.{p}": getattr(b, p).contiguous().cpu() for k, b in bases.items() for p in BASIS_PARTS}
         save_file(flat, str(r.out / "fisher" / "bases.safetensors"))
-        if ewc:
-            save_file({k: v.contiguous().cpu() for k, v in ewc.items()}, str(r.out / "fisher" / "ewc.safetensors"))
+    if "ewc" in r.cfg.train.arms:
+        save_ewc_diagonal(w, batches, r.cfg.lora.targets, r.out / "fisher" / "ewc")
     r.log(f"agl fisher: {len(bases)} modules, subspace m={f.subspace}, {len(batches)} micro-batches per rank")
 
 
@@ -74,14 +73,15 @@ def load_bases(r: Ctx) -> dict[str, ModuleBasis]:
 
 
 def ewc_rows(r: Ctx) -> Callable[[str, int, int], torch.Tensor]:
-    """Reads rows [lo, hi) of one module's EWC diagonal from ``fisher/ewc.safetensors`` (a rank loads only
-    the rows its penalty share needs)."""
+    """Reads rows [lo, hi) of one module's EWC diagonal from ``fisher/ewc/`` (a rank loads only the rows its
+    penalty share needs)."""
     from safetensors import safe_open
 
-    path = str(r.out / "fisher" / "ewc.safetensors")
+    folder = r.out / "fisher" / "ewc"
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
 
     def rows(name: str, lo: int, hi: int) -> torch.Tensor:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(str(folder / weight_map[name]), framework="pt") as f:
             part: torch.Tensor = f.get_slice(name)[lo:hi]
             return part
 
