@@ -176,7 +176,8 @@ class ShardWriter:
 
 def _merged_fn(model: nn.Module, lora: dict[str, torch.Tensor],
                extra: ExtraDelta | None) -> Callable[[str, torch.Tensor], torch.Tensor]:
-    """fqn, full W -> W + s*B*A (+ the extra delta) for adapted base weights (as PEFT's merge), W otherwise."""
+    """fqn, full W -> W + s*B*A for adapted base weights (as PEFT's merge, in W's dtype), or with the extra
+    delta W + (s*B*A + delta) in at least float32, rounded once; W otherwise."""
     by_weight = {m.base_weight_fqn: m for m in adapted_modules(model)}
 
     def merge(fqn: str, w: torch.Tensor) -> torch.Tensor:
@@ -184,8 +185,11 @@ def _merged_fn(model: nn.Module, lora: dict[str, torch.Tensor],
             return w
         m = by_weight[fqn]
         a, b = lora[f"{m.name}.lora_A.default.weight"], lora[f"{m.name}.lora_B.default.weight"]
-        merged = w + (b.to(w.dtype) @ a.to(w.dtype)) * scaling(m)
-        return merged if extra is None else merged + extra.delta(m, lora).to(w.dtype)
+        if extra is None:
+            return w + (b.to(w.dtype) @ a.to(w.dtype)) * scaling(m)
+        wide = torch.promote_types(w.dtype, torch.float32)  # both deltas summed wide, one rounding (bf16)
+        delta = (b.to(wide) @ a.to(wide)) * scaling(m) + extra.delta(m, lora).to(wide)
+        return (w.to(wide) + delta).to(w.dtype)
 
     return merge
 
