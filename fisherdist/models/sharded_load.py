@@ -5,10 +5,10 @@ node). Here the architecture is built with its *parameters* on the meta device (
 rotary ``inv_freq`` stay real; accelerate's ``init_empty_weights``), adapted (LoRA) and wrapped with
 ``fully_shard``; then each rank allocates its local shards and copies its rows out of the memory-mapped
 safetensors files (``get_slice`` reads only those bytes). Parameters that the checkpoint lacks are either
-a method's own adapter that ``prepare`` created with real values (small, e.g. AlignGuard-LoRA's C and A_a:
-each rank keeps its shard of them, so they equal the full load's), or PEFT's LoRA factors (created on the
-meta device with their base layer), initialised on CPU from a generator seeded by their name, identically
-on every rank, as PEFT initialises them (A: Kaiming-uniform, B: zeros).
+PEFT's LoRA factors, initialised on CPU from a generator seeded by their name, identically on every rank, as
+PEFT initialises them (A: Kaiming-uniform, B: zeros), or a method's own adapter that ``prepare`` created
+with real values (small, e.g. AlignGuard-LoRA's C and A_a): each rank keeps its shard of those, so they
+equal the full load's.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def _real_shards(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def materialize(model: nn.Module, path: str | Path, device: torch.device | str, seed: int = 0) -> None:
     """Allocate every local shard on ``device`` and fill it from ``path`` (after ``fully_shard``); parameters
-    that already had values keep them."""
+    absent from the checkpoint keep the values they already had, except LoRA factors (always the
+    name-seeded init, whatever device PEFT built them on)."""
     from safetensors import safe_open
 
     kept = _real_shards(model)
@@ -119,11 +120,11 @@ def materialize(model: nn.Module, path: str | Path, device: torch.device | str, 
     for fqn, param in model.named_parameters():
         local, r0, rows = _local_rows(param)
         name = checkpoint_name(fqn)
-        if fqn in kept:
-            value = kept[fqn]
-        elif name in files:
+        if name in files:
             f = handles.setdefault(files[name], safe_open(str(files[name]), framework="pt"))
             value = f.get_slice(name)[r0 : r0 + rows]
+        elif fqn in kept and ".lora_" not in fqn:
+            value = kept[fqn]
         else:
             value = initial_value(fqn, tuple(param.shape), seed)[r0 : r0 + rows]
         if tuple(value.shape) != tuple(local.shape):
