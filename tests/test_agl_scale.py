@@ -78,7 +78,8 @@ def _merged(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dict[str, torch.Tensor]]]:
-    """The single-process run (fisher, train, eval), then train + eval on 2 FSDP2 ranks from its fisher/."""
+    """The single-process runs (``agl run`` of the agl arm, ``agl fisher`` with EWC), then one 2-rank launch
+    (see ``_ranks``); train and eval there start from the single run's ``fisher/``."""
     tmp = tmp_path_factory.mktemp("agl_scale")
     single, sharded = tmp / "single", tmp / "sharded"
     assert cli.main(["agl", "run", str(CONFIG), *_overrides(tmp, single, "none")]) == 0
@@ -91,14 +92,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dic
 
 
 def test_sharded_load_initialises_the_alignment_adapter_as_the_full_load(runs: Any) -> None:
+    """C, A_a (name-seeded), B and A as the 2 FSDP2 ranks' sharded load gave them == the whole-model load's."""
     from fisherdist.methods.agl import run_arm
     from fisherdist.methods.agl.config import AglConfig
+    from fisherdist.models.sharded_load import load_wrapped
     from fisherdist.recipes.stages import open_run
 
     single, _, initial = runs
-    r = open_run(load_config(AglConfig, CONFIG, _overrides(single.parent, single, "none")), "")
-    from fisherdist.models.sharded_load import load_wrapped
-
+    probe = single.parent / "probe"
+    shutil.copytree(single / "fisher", probe / "fisher")
+    r = open_run(load_config(AglConfig, CONFIG, _overrides(single.parent, probe, "none")), "")
     w = load_wrapped(r.cfg.model.path, r.dtype, "none", "cpu", prepare=run_arm._prepare(r, "agl"), seed=r.cfg.train.seed)
     want = _adapter_values(w)
     assert len(want) == 16 * 4 and sum(".agl." in n for n in want) == 32  # q, k, v, o of 4 layers: B, A, C, A_a
