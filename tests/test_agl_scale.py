@@ -136,6 +136,8 @@ def test_streamed_ewc_diagonal_equals_the_single_process_one(runs: Any) -> None:
     want = _merged(single.parent / "single_ewc" / "fisher" / "ewc")
     got = _merged(single.parent / "fisher_sharded" / "fisher" / "ewc")
     assert got.keys() == want.keys() and len(want) == 16
+    index = json.loads((single.parent / "single_ewc" / "fisher" / "ewc" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["mean"] > 0 and "per sample" in index["metadata"]["estimator"]
     total = sum(float(v.double().sum()) for v in want.values())
     assert total / sum(v.numel() for v in want.values()) == pytest.approx(1.0, rel=1e-6)
     for name, value in want.items():

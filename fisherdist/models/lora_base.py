@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -168,9 +169,10 @@ class ShardWriter:
         self.weight_map.update({k: file for k in self.pending})
         self.pending = {}
 
-    def close(self) -> None:
+    def close(self, metadata: dict[str, Any] | None = None) -> None:
+        """Write the last shard and the index (``metadata``: what the tensors mean, kept in the index)."""
         self.flush()
-        index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+        index = {"metadata": {"total_size": self.total, **(metadata or {})}, "weight_map": self.weight_map}
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 

@@ -96,7 +96,8 @@ def save_ewc_diagonal(wrapped: Any, batches: list[dict[str, torch.Tensor]], targ
                 if writer is not None:
                     writer.add(fqn.removesuffix(".weight"), (full.double() / mean).float().cpu())
             if writer is not None:
-                writer.close()
+                writer.close({"estimator": "empirical diagonal, per sample (mean token NLL of each record)",
+                              "normalised": "divided by its mean over all entries", "mean": mean})
     finally:
         acc.close()
     barrier()
