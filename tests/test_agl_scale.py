@@ -235,3 +235,12 @@ def test_real_scale_recipes_parse(recipe: str) -> None:
                                                           *(f"data.{k}={world / v}.jsonl" for k, v in files.items())])
     assert cfg.fisher.subspace == 128 and "agl" in cfg.train.arms
     assert (cfg.model.load, cfg.dist.backend in ("fsdp2", "zero3")) == (("sharded", True) if "70b" in recipe else ("full", False))
+
+
+@pytest.mark.parametrize("arms, says", [("[lora,agl]", "bases.safetensors"), ("[ewc]", "ewc/model.safetensors.index.json")])
+def test_train_without_the_fisher_stage_is_one_line(capsys: pytest.CaptureFixture, tmp_path: Path, arms: str,
+                                                    says: str) -> None:
+    assert cli.main(["agl", "train", str(CONFIG), f"train.arms={arms}", f"out={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "agl fisher" in err[0]
+    assert not (tmp_path / "models").exists() and not (tmp_path / "checkpoints").exists()

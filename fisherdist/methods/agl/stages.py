@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fisherdist.data.jsonl import read_records
+from fisherdist.errors import FisherdistError
 from fisherdist.eval.alignment import AlignmentData
 from fisherdist.methods.agl.adapters import ModuleBasis
 from fisherdist.methods.agl.config import AglConfig
@@ -64,10 +65,20 @@ def fisher(r: Ctx) -> None:
     r.log(f"agl fisher: {len(bases)} modules, subspace m={f.subspace}, {len(batches)} micro-batches per rank")
 
 
+def _fisher_file(r: Ctx, name: str, arm: str) -> Any:
+    """``out/fisher/<name>``, or one line saying which stage writes it (before any model loads)."""
+    path = r.out / "fisher" / name
+    if not path.is_file():
+        raise FisherdistError(f"{path}: missing; the {arm} arm needs `fisherdist agl fisher` run first with {arm!r} "
+                              f"in train.arms (out={r.out})")
+    return path
+
+
 def load_bases(r: Ctx) -> dict[str, ModuleBasis]:
     from safetensors.torch import load_file
 
-    flat = load_file(str(r.out / "fisher" / "bases.safetensors"))
+    path = _fisher_file(r, "bases.safetensors", "agl")
+    flat = load_file(str(path))
     names = sorted({k.rsplit(".", 1)[0] for k in flat})
     return {n: ModuleBasis(*(flat[f"{n}.{p}"] for p in BASIS_PARTS)) for n in names}
 
@@ -77,8 +88,9 @@ def ewc_rows(r: Ctx) -> Callable[[str, int, int], torch.Tensor]:
     penalty share needs)."""
     from safetensors import safe_open
 
-    folder = r.out / "fisher" / "ewc"
-    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    index = _fisher_file(r, "ewc/model.safetensors.index.json", "ewc")
+    folder = index.parent
+    weight_map = json.loads(index.read_text())["weight_map"]
 
     def rows(name: str, lo: int, hi: int) -> torch.Tensor:
         with safe_open(str(folder / weight_map[name]), framework="pt") as f:
@@ -92,6 +104,9 @@ def train(r: Ctx) -> None:
     """Fine-tune every arm (plain LoRA, LoRA + EWC, AlignGuard-LoRA) on the same data and steps."""
     from fisherdist.methods.agl.run_arm import train_arm
 
+    for arm, name in (("agl", "bases.safetensors"), ("ewc", "ewc/model.safetensors.index.json")):
+        if arm in r.cfg.train.arms:
+            _fisher_file(r, name, arm)
     path = r.out / "curves.json"
     curves: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}  # other arms' runs stay
     for arm in r.cfg.train.arms:
