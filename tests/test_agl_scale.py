@@ -209,6 +209,30 @@ def test_merged_export_computes_the_adapted_model(tmp_path: Path) -> None:
     assert float((want - base).abs().max()) > 1e-3  # the adapters change the output: the check is not vacuous
 
 
+def test_bf16_merged_export_rounds_once(tmp_path: Path) -> None:
+    """In bf16 (the 70B recipes), W + s B A + dW_A is formed wide and rounded to bf16 once: the export is
+    the float64 sum of the bf16 tensors rounded to bf16 (rare double-rounding ties aside)."""
+    from fisherdist.methods.agl.adapters import merged_delta
+    from fisherdist.models.lora_base import export_base
+    from fisherdist.models.peft_utils import adapted_modules
+    from fisherdist.models.sharded_load import checkpoint_name
+    from tests.test_agl_hooks import SCALE, _model
+    from tests.tiny_hf import build_model_dir
+
+    model = _model().to(torch.bfloat16)
+    export_base(model, build_model_dir(tmp_path), tmp_path / "merged", merge=True, extra=merged_delta())
+    got = _merged(tmp_path / "merged")
+    mismatched = total = 0
+    for m in adapted_modules(model):
+        agl, d = m.module.agl, lambda t: t.detach().double()
+        want = (d(m.module.base_layer.weight) + SCALE * d(m.lora_b) @ d(m.lora_a)
+                + SCALE * d(agl.u) @ (d(agl.c) @ d(agl.a))).to(torch.bfloat16)
+        out = got[checkpoint_name(m.base_weight_fqn)]
+        assert out.dtype == torch.bfloat16
+        mismatched, total = mismatched + int((out != want).sum()), total + want.numel()
+    assert mismatched / total < 1e-3, (mismatched, total)
+
+
 def test_sharded_eval_equals_whole_model_eval(runs: Any) -> None:
     single, sharded, _ = runs
     want = json.loads((single / "drift_report.json").read_text())

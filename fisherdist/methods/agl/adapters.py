@@ -95,7 +95,9 @@ def merged_delta() -> ExtraDelta:
 
     def delta(mod: AdaptedModule, gathered: dict[str, torch.Tensor]) -> torch.Tensor:
         agl: AlignAdapter = mod.module.agl
-        return agl.dense(gathered[f"{mod.name}.agl.c"], gathered[f"{mod.name}.agl.a"])
+        c, a = gathered[f"{mod.name}.agl.c"], gathered[f"{mod.name}.agl.a"]
+        wide = torch.promote_types(c.dtype, torch.float32)  # (bf16 factors: the product in float32)
+        return agl.dense(c.to(wide), a.to(wide))
 
     return ExtraDelta(owns=lambda fqn: ".agl." in fqn, delta=delta)
 
