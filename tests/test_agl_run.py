@@ -56,6 +56,6 @@ def test_agl_run_end_to_end(tmp_path: Path) -> None:
     assert (out / "drift_report.png").stat().st_size > 0
     base = load_file(str(default_world_dir() / "model" / "model.safetensors"))
     for arm in ("lora", "agl"):
-        merged = load_file(str(out / "models" / arm / "model.safetensors"))
+        merged = {k: v for f in sorted((out / "models" / arm).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
         assert not torch.equal(merged["model.layers.0.self_attn.v_proj.weight"], base["model.layers.0.self_attn.v_proj.weight"])
         assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])

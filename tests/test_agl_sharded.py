@@ -82,7 +82,7 @@ def single() -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("override, says", [(["dist.backend=fsdp1", "dist.nproc=2"], "dist.backend=fsdp1"),
-                                            (["dist.backend=fsdp2", "model.load=sharded"], "model.load=sharded")])
+                                            (["dist.backend=ddp", "model.load=sharded"], "model.load=sharded")])
 def test_unsupported_setups_are_refused_before_loading(capsys: pytest.CaptureFixture, tmp_path: Any,
                                                        override: list[str], says: str) -> None:
     from pathlib import Path

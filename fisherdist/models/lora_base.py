@@ -13,7 +13,9 @@ import contextlib
 import json
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -125,12 +127,24 @@ def _fold_one(m: AdaptedModule, sign: float) -> None:
     add_rows(m.module.base_layer.weight, lambda r0, r1: (b[r0:r1] @ a) * s)
 
 
-def lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full copies of every LoRA factor, keyed by parameter FQN (collective; a few MB even at 70B)."""
-    return {n: full_value(p).cpu().clone() for n, p in model.named_parameters() if ".lora_" in n}
+def lora_tensors(model: nn.Module, owns: Callable[[str], bool] = lambda fqn: ".lora_" in fqn) -> dict[str, torch.Tensor]:
+    """Full copies of every LoRA factor (or of every parameter ``owns`` names), keyed by parameter FQN
+    (collective; a few MB even at 70B)."""
+    return {n: full_value(p).cpu().clone() for n, p in model.named_parameters() if owns(n)}
 
 
-class _ShardWriter:
+@dataclass(frozen=True)
+class ExtraDelta:
+    """A method's own update of the adapted weights beyond PEFT's s*B*A (AlignGuard-LoRA's second adapter):
+    ``owns(fqn)`` names its parameters (small; never written as base tensors, gathered whole for the merge)
+    and ``delta(module, gathered)`` is its dense (d_out, d_in) update of one adapted module, formed on the
+    writing rank from those gathered tensors (one module at a time)."""
+
+    owns: Callable[[str], bool]
+    delta: Callable[[AdaptedModule, dict[str, torch.Tensor]], torch.Tensor]
+
+
+class ShardWriter:
     """safetensors files of about ``shard_bytes`` each, written as they fill, plus the HF index."""
 
     def __init__(self, folder: Path, shard_bytes: int) -> None:
@@ -155,28 +169,36 @@ class _ShardWriter:
         self.weight_map.update({k: file for k in self.pending})
         self.pending = {}
 
-    def close(self) -> None:
+    def close(self, metadata: dict[str, Any] | None = None) -> None:
+        """Write the last shard and the index (``metadata``: what the tensors mean, kept in the index)."""
         self.flush()
-        index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+        index = {"metadata": {"total_size": self.total, **(metadata or {})}, "weight_map": self.weight_map}
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
-def _merged_fn(model: nn.Module, lora: dict[str, torch.Tensor]) -> Callable[[str, torch.Tensor], torch.Tensor]:
-    """fqn, full W -> W + s*B*A for adapted base weights (as PEFT's merge), W otherwise."""
-    by_weight = {m.base_weight_fqn: (m.name, scaling(m)) for m in adapted_modules(model)}
+def _merged_fn(model: nn.Module, lora: dict[str, torch.Tensor],
+               extra: ExtraDelta | None) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """fqn, full W -> W + s*B*A for adapted base weights (as PEFT's merge, in W's dtype), or with the extra
+    delta W + (s*B*A + delta) in at least float32, rounded once; W otherwise."""
+    by_weight = {m.base_weight_fqn: m for m in adapted_modules(model)}
 
     def merge(fqn: str, w: torch.Tensor) -> torch.Tensor:
         if fqn not in by_weight:
             return w
-        name, s = by_weight[fqn]
-        a, b = lora[f"{name}.lora_A.default.weight"], lora[f"{name}.lora_B.default.weight"]
-        return w + (b.to(w.dtype) @ a.to(w.dtype)) * s
+        m = by_weight[fqn]
+        a, b = lora[f"{m.name}.lora_A.default.weight"], lora[f"{m.name}.lora_B.default.weight"]
+        if extra is None:
+            return w + (b.to(w.dtype) @ a.to(w.dtype)) * scaling(m)
+        wide = torch.promote_types(w.dtype, torch.float32)  # both deltas summed wide, one rounding (bf16)
+        delta = (b.to(wide) @ a.to(wide)) * scaling(m) + extra.delta(m, lora).to(wide)
+        return (w.to(wide) + delta).to(w.dtype)
 
     return merge
 
 
 @contextlib.contextmanager
-def _rank0_dir(out: Path) -> Iterator[Path | None]:
+def rank0_dir(out: Path) -> Iterator[Path | None]:
+    """Rank 0: a temporary sibling of ``out`` swapped in on success (``atomic_dir``); other ranks: None."""
     if rank() != 0:
         yield None
         return
@@ -185,19 +207,23 @@ def _rank0_dir(out: Path) -> Iterator[Path | None]:
 
 
 def export_base(model: nn.Module, config_dir: str | Path, out: str | Path, merge: bool,
-                shard_bytes: int = 2 << 30) -> Path:
-    """The base as it is now (rewritten or not) as a HF directory, or (``merge``) with s*B*A added.
+                shard_bytes: int = 2 << 30, extra: ExtraDelta | None = None) -> Path:
+    """The base as it is now (rewritten or not) as a HF directory, or (``merge``) with s*B*A (and
+    ``extra``'s delta) added.
 
     Collective: every rank gathers one parameter at a time; rank 0 writes shards of ``shard_bytes``;
     ``config_dir`` (the original model) provides config.json and the tokenizer."""
     from fisherdist.models.export import copy_tokenizer
 
-    lora = lora_tensors(model) if merge else {}
-    fn = _merged_fn(model, lora) if merge else (lambda _fqn, w: w)
-    with _rank0_dir(Path(out)) as tmp:
-        writer = _ShardWriter(tmp, shard_bytes) if tmp is not None else None
+    def adapter(fqn: str) -> bool:
+        return ".lora_" in fqn or (extra is not None and extra.owns(fqn))
+
+    lora = lora_tensors(model, adapter) if merge else {}
+    fn = _merged_fn(model, lora, extra) if merge else (lambda _fqn, w: w)
+    with rank0_dir(Path(out)) as tmp:
+        writer = ShardWriter(tmp, shard_bytes) if tmp is not None else None
         for fqn, p in model.named_parameters():
-            if ".lora_" in fqn:
+            if adapter(fqn):
                 continue
             full = full_value(p)
             if writer is not None:
@@ -224,7 +250,7 @@ def save_adapter(model: nn.Module, out: str | Path, base_dir: str | Path) -> Pat
     from safetensors.torch import save_file
 
     tensors = {n.replace(".default.", "."): t.contiguous() for n, t in lora_tensors(model).items()}
-    with _rank0_dir(Path(out)) as tmp:
+    with rank0_dir(Path(out)) as tmp:
         if tmp is not None:
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             config = copy.copy(model.peft_config["default"])

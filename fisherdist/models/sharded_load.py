@@ -4,9 +4,11 @@
 node). Here the architecture is built with its *parameters* on the meta device (buffers such as the
 rotary ``inv_freq`` stay real; accelerate's ``init_empty_weights``), adapted (LoRA) and wrapped with
 ``fully_shard``; then each rank allocates its local shards and copies its rows out of the memory-mapped
-safetensors files (``get_slice`` reads only those bytes). Parameters that the checkpoint lacks (LoRA
-factors) are initialised on CPU from a generator seeded by their name, identically on every rank, as PEFT
-initialises them (A: Kaiming-uniform, B: zeros).
+safetensors files (``get_slice`` reads only those bytes). Parameters that the checkpoint lacks are either
+PEFT's LoRA factors, initialised on CPU from a generator seeded by their name, identically on every rank, as
+PEFT initialises them (A: Kaiming-uniform, B: zeros), or a method's own adapter that ``prepare`` created
+with real values (small, e.g. AlignGuard-LoRA's C and A_a): each rank keeps its shard of those, so they
+equal the full load's.
 """
 
 from __future__ import annotations
@@ -93,11 +95,25 @@ def to_empty_keep_buffers(model: nn.Module, device: torch.device | str) -> nn.Mo
     return model
 
 
+def _real_shards(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Local shards of the parameters that are not on the meta device (created with values by ``prepare``,
+    a method's own small adapter): ``to_empty`` would discard them."""
+    out = {}
+    for fqn, param in model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if not local.is_meta:
+            out[fqn] = local.detach().clone()
+    return out
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, path: str | Path, device: torch.device | str, seed: int = 0) -> None:
-    """Allocate every local shard on ``device`` and fill it from ``path`` (after ``fully_shard``)."""
+    """Allocate every local shard on ``device`` and fill it from ``path`` (after ``fully_shard``); parameters
+    absent from the checkpoint keep the values they already had, except LoRA factors (always the
+    name-seeded init, whatever device PEFT built them on)."""
     from safetensors import safe_open
 
+    kept = _real_shards(model)
     to_empty_keep_buffers(model, device)
     files = checkpoint_files(path)
     handles: dict[Path, Any] = {}
@@ -107,6 +123,8 @@ def materialize(model: nn.Module, path: str | Path, device: torch.device | str, 
         if name in files:
             f = handles.setdefault(files[name], safe_open(str(files[name]), framework="pt"))
             value = f.get_slice(name)[r0 : r0 + rows]
+        elif fqn in kept and ".lora_" not in fqn:
+            value = kept[fqn]
         else:
             value = initial_value(fqn, tuple(param.shape), seed)[r0 : r0 + rows]
         if tuple(value.shape) != tuple(local.shape):

@@ -148,7 +148,8 @@ def _agl(m: ModelShapes, params: list[str], gran: str, k: Knobs) -> MethodModel:
                            "agl: fisher stage = K-FAC factors A (d_in^2) and G (d_out^2) of every adapted layer, "
                            "float64, each layer's pair whole on one owner rank (fisher); counted with the train stage",
                            f"agl: m={sub} (fisher.subspace; configs/agl/llama-*.yaml use 128: --subspace 128); the EWC "
-                           "arm (a replicated diagonal Fisher) is not planned",
+                           "arm (its diagonal Fisher sharded like the engine's statistics, written to disk one module "
+                           "at a time, each rank reading back only its penalty rows) is not planned",
                            f"agl: penalties run on {', '.join(AGL_BACKENDS)}; their transients (the small factors "
                            "gathered whole, E_RO rows in checkpointed chunks) are LoRA-sized and not counted"])
 

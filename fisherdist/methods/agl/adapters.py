@@ -17,6 +17,7 @@ from torch import nn
 
 from fisherdist.methods.agl.penalty import ModuleFactors
 from fisherdist.methods.agl.rows import Fetch, row_block
+from fisherdist.models.lora_base import ExtraDelta
 from fisherdist.models.peft_utils import AdaptedModule, adapted_modules
 
 
@@ -53,9 +54,10 @@ class AlignAdapter(nn.Module):
         """dW_A x (called as a module, so ZeRO-3 gathers C and A_a for it)."""
         return self.scale * ((x @ self.a.T) @ self.c.T) @ self.u.T
 
-    def dense(self) -> torch.Tensor:
-        """dW_A (d_out, d_in), for the merged export of one module."""
-        return self.scale * self.u @ (self.c @ self.a)
+    def dense(self, c: torch.Tensor | None = None, a: torch.Tensor | None = None) -> torch.Tensor:
+        """dW_A (d_out, d_in) of one module, from its own factors or from gathered copies ``c``, ``a``."""
+        c, a = (self.c if c is None else c), (self.a if a is None else a)
+        return self.scale * self.u.to(device=c.device, dtype=c.dtype) @ (c @ a)
 
 
 def _init_a(name: str, shape: tuple[int, int], seed: int) -> torch.Tensor:
@@ -84,6 +86,20 @@ def attach(model: nn.Module, bases: dict[str, ModuleBasis], rank: int, scale: fl
         mod.module.register_forward_hook(_hook)
         names.append(key)
     return names
+
+
+def merged_delta() -> ExtraDelta:
+    """dW_A in the streamed merged export (``models.lora_base.export_base``): C and A_a are gathered whole
+    (m x k and k x d_in per module), U is every rank's replicated buffer, and the writing rank forms one
+    module's dW_A at a time, so the merged W + dW_A + dW_T never needs the model whole on one rank."""
+
+    def delta(mod: AdaptedModule, gathered: dict[str, torch.Tensor]) -> torch.Tensor:
+        agl: AlignAdapter = mod.module.agl
+        c, a = gathered[f"{mod.name}.agl.c"], gathered[f"{mod.name}.agl.a"]
+        wide = torch.promote_types(c.dtype, torch.float32)  # (bf16 factors: the product in float32)
+        return agl.dense(c.to(wide), a.to(wide))
+
+    return ExtraDelta(owns=lambda fqn: ".agl." in fqn, delta=delta)
 
 
 def hf_name(peft_name: str) -> str:

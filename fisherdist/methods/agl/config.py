@@ -63,7 +63,4 @@ class AglConfig(LoraRunConfig):
         if penalised and self.dist.backend not in BACKENDS:
             raise ValueError(f"dist.backend={self.dist.backend}: train.arms {penalised} need one of "
                              f"{', '.join(BACKENDS)} (FSDP1's flat parameters have no per-module LoRA rows)")
-        if "agl" in self.train.arms and self.model.load == "sharded":
-            raise ValueError("model.load=sharded: the agl arm's alignment adapter (C, A_a) is in no checkpoint and "
-                             "the sharded load initialises only LoRA factors; use model.load=full")
         return self

@@ -5,7 +5,8 @@
   A = E[a a^T] (input side), computed on the factors' owner rank and broadcast
   (``KroneckerFactors.eigenbasis``); never one global eigenbasis. The curvature diagonal h is the diagonal
   of the rank-m G, sum_i lam_i u_i^2 (replicated, no extra collective).
-* EWC: the engine's per-sample diagonal empirical Fisher of the adapted base weights on the same data.
+* EWC: the engine's per-sample diagonal empirical Fisher of the adapted base weights on the same data,
+  streamed to disk one module at a time (the penalty reads only its rows back).
 
 Both are normalised to be scale-free (the aligned model predicts its refusals confidently, so raw values
 are tiny and model-dependent): eigenvalues (each side) by the mean over modules of the top eigenvalue, the diagonal
@@ -14,6 +15,8 @@ Fisher by its mean over all entries, so the lambdas mean the same thing on any m
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,14 +75,42 @@ def alignment_bases(wrapped: Any, batches: list[dict[str, torch.Tensor]], target
     return bases
 
 
-def ewc_diagonal(wrapped: Any, batches: list[dict[str, torch.Tensor]], targets: list[str]) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher of the adapted base weights, keyed by module name, mean-normalised
-    (single-process and replicated backends: every rank gets the whole tensors)."""
+def save_ewc_diagonal(wrapped: Any, batches: list[dict[str, torch.Tensor]], targets: list[str], out: Path,
+                      shard_bytes: int = 2 << 30) -> None:
+    """Diagonal empirical Fisher of the adapted base weights, mean-normalised, keyed by module name, written to
+    the folder ``out`` (safetensors shards + ``model.safetensors.index.json``) without any rank holding all
+    of it (~48 GB in float32 at 70B): the mean comes from each rank's share (one all-reduce), then one
+    module at a time is gathered and rank 0 writes it. Collective: every rank calls it."""
+    from fisherdist.distributed.collectives import barrier
+    from fisherdist.models.lora_base import ShardWriter, rank0_dir
+
     spec = FisherSpec(estimator="empirical", granularity="sample", params=[f"*{t}.weight" for t in targets])
     acc = estimate_fisher(wrapped, batches, spec, progress=False)
     try:
-        diag = {fqn.removesuffix(".weight"): acc.full_fisher(fqn) for fqn in sorted(acc.targets)}  # type: ignore[attr-defined]
+        names = sorted(acc.targets)  # type: ignore[attr-defined]
+        mean = _mean(acc, names)
+        with rank0_dir(out) as tmp:
+            writer = ShardWriter(tmp, shard_bytes) if tmp is not None else None
+            for fqn in names:
+                full = acc.full_fisher(fqn)  # type: ignore[attr-defined]
+                if writer is not None:
+                    writer.add(fqn.removesuffix(".weight"), (full.double() / mean).float().cpu())
+            if writer is not None:
+                writer.close({"estimator": "empirical diagonal, per sample (mean token NLL of each record)",
+                              "normalised": "divided by its mean over all entries", "mean": mean})
     finally:
         acc.close()
-    mean = torch.cat([d.reshape(-1) for d in diag.values()]).mean().clamp_min(1e-30)
-    return {k: (v / mean).float() for k, v in diag.items()}
+    barrier()
+
+
+def _mean(acc: Any, names: list[str]) -> float:
+    """Mean over every entry of the diagonal, from each rank's share of it (as ``full_fisher`` places it)."""
+    import torch.distributed as dist
+
+    local = sum(float(acc.fisher(n).double().sum()) for n in names)
+    total = torch.tensor([local], dtype=torch.float64)
+    if acc.placement.world > 1:
+        total = total.to(acc.fisher(names[0]).device)
+        dist.all_reduce(total, group=acc.backend.group)
+    count = sum(math.prod(acc.placement.shapes[n]) for n in names)
+    return max(float(total) / count, 1e-30)

@@ -1,5 +1,5 @@
-"""One arm of ``fisherdist agl train``: load, attach, fine-tune with the SFT recipe (``run_sft``, the arm's
-penalty and the forgetting curve as its hooks), export merged."""
+"""One arm of ``fisherdist agl train``: load (whole or sharded: ``model.load``), attach, fine-tune with the
+SFT recipe (``run_sft``, the arm's penalty and the forgetting curve as its hooks), export merged (streamed)."""
 
 from __future__ import annotations
 
@@ -52,30 +52,16 @@ def train_arm(r: stages.Ctx, arm: str) -> list[tuple[int, float]]:
     history = run_sft(w, pairs, t, r.pad_id, checkpoint_dir=r.out / "checkpoints" / arm, hooks=[*_penalty(r, arm, w), curve],
                       name=arm, progress=False, metrics=r.metrics)
     r.write_json(f"train_log_{arm}.json", history)
-    _export(r, arm, w.gather_trainable())
+    _export(r, arm, w)
     r.log(f"agl {arm}: {len(history)} steps, unsafe refusal {curve.points[0][1]:.2f} -> {curve.points[-1][1]:.2f}")
     return curve.points
 
 
-@torch.no_grad()
-def _export(r: stages.Ctx, arm: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Rank 0: base + s B A (+ dW_A for AGL) written as one merged HF directory ``models/<arm>``."""
-    if r.rank != 0:
-        return
-    from transformers import AutoModelForCausalLM
+def _export(r: stages.Ctx, arm: str, wrapped: Any) -> None:
+    """``models/<arm>``: base + s B A (+ dW_A for AGL) as one merged HF directory, streamed (every rank
+    gathers one base tensor at a time, rank 0 writes; only the small factors are gathered whole)."""
+    from fisherdist.methods.agl.adapters import merged_delta
+    from fisherdist.models.lora_base import export_base
 
-    from fisherdist.atomic import atomic_dir
-    from fisherdist.models.export import copy_tokenizer
-
-    model = _prepare(r, arm)(AutoModelForCausalLM.from_pretrained(r.cfg.model.path, dtype=torch.float32))
-    own = dict(model.named_parameters())
-    for name, value in tensors.items():
-        own[name].copy_(value.to(own[name].dtype))
-    for mod in model.modules():
-        if hasattr(mod, "agl"):
-            mod.base_layer.weight += mod.agl.dense().to(mod.base_layer.weight.dtype)
-            del mod.agl
-            mod._forward_hooks.clear()
-    with atomic_dir(r.out / "models" / arm) as tmp:
-        model.merge_and_unload().to(r.dtype).save_pretrained(tmp)
-        copy_tokenizer(r.cfg.model.path, tmp)
+    export_base(wrapped.unwrapped, r.cfg.model.path, r.out / "models" / arm, merge=True,
+                extra=merged_delta() if arm == "agl" else None)

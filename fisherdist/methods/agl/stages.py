@@ -1,7 +1,7 @@
 """The AlignGuard-LoRA pipeline: fisher -> train (every arm) -> eval, as stages that hand over files.
 
 Files under ``out``: ``fisher/bases.safetensors`` (per-module U, eigenvalues, curvature diagonal),
-``fisher/ewc.safetensors`` (diagonal Fisher of the adapted base weights), ``train_log_<arm>.json``,
+``fisher/ewc/`` (diagonal Fisher of the adapted base weights, safetensors shards + index), ``train_log_<arm>.json``,
 ``curves.json`` (forgetting curves), ``models/<arm>/`` (merged HF directories), ``drift_report.{json,png}``.
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fisherdist.data.jsonl import read_records
+from fisherdist.errors import FisherdistError
 from fisherdist.eval.alignment import AlignmentData
 from fisherdist.methods.agl.adapters import ModuleBasis
 from fisherdist.methods.agl.config import AglConfig
@@ -46,41 +47,53 @@ def fisher(r: Ctx) -> None:
     """Alignment Fisher of the base model: per-module K-FAC output bases (AGL) and the diagonal (EWC)."""
     from safetensors.torch import save_file
 
-    from fisherdist.methods.agl.fisher import alignment_bases, ewc_diagonal, rank_batches
+    from fisherdist.methods.agl.fisher import alignment_bases, rank_batches, save_ewc_diagonal
     from fisherdist.models.sharded_load import load_wrapped
 
     f, m = r.cfg.fisher, r.cfg.model
-    w = load_wrapped(m.path, r.dtype, r.cfg.dist.backend, r.env.device, **r.cfg.backend_options(f.batch_size, None))
+    w = load_wrapped(m.path, r.dtype, r.cfg.dist.backend, r.env.device, load=m.load,
+                     **r.cfg.backend_options(f.batch_size, None))
     device = next(w.unwrapped.parameters()).device
     batches = rank_batches(alignment_pairs(r), f.batch_size, f.max_length, r.pad_id, r.rank, r.world, device)
     bases = alignment_bases(w, batches, r.cfg.lora.targets, f.subspace)
-    ewc = ewc_diagonal(w, batches, r.cfg.lora.targets) if "ewc" in r.cfg.train.arms else {}
     if r.rank == 0:
         (r.out / "fisher").mkdir(parents=True, exist_ok=True)
         flat = {f"{k}.{p}": getattr(b, p).contiguous().cpu() for k, b in bases.items() for p in BASIS_PARTS}
         save_file(flat, str(r.out / "fisher" / "bases.safetensors"))
-        if ewc:
-            save_file({k: v.contiguous().cpu() for k, v in ewc.items()}, str(r.out / "fisher" / "ewc.safetensors"))
+    if "ewc" in r.cfg.train.arms:
+        save_ewc_diagonal(w, batches, r.cfg.lora.targets, r.out / "fisher" / "ewc")
     r.log(f"agl fisher: {len(bases)} modules, subspace m={f.subspace}, {len(batches)} micro-batches per rank")
+
+
+def _fisher_file(r: Ctx, name: str, arm: str) -> Any:
+    """``out/fisher/<name>``, or one line saying which stage writes it (before any model loads)."""
+    path = r.out / "fisher" / name
+    if not path.is_file():
+        raise FisherdistError(f"{path}: missing; the {arm} arm needs `fisherdist agl fisher` run first with {arm!r} "
+                              f"in train.arms (out={r.out})")
+    return path
 
 
 def load_bases(r: Ctx) -> dict[str, ModuleBasis]:
     from safetensors.torch import load_file
 
-    flat = load_file(str(r.out / "fisher" / "bases.safetensors"))
+    path = _fisher_file(r, "bases.safetensors", "agl")
+    flat = load_file(str(path))
     names = sorted({k.rsplit(".", 1)[0] for k in flat})
     return {n: ModuleBasis(*(flat[f"{n}.{p}"] for p in BASIS_PARTS)) for n in names}
 
 
 def ewc_rows(r: Ctx) -> Callable[[str, int, int], torch.Tensor]:
-    """Reads rows [lo, hi) of one module's EWC diagonal from ``fisher/ewc.safetensors`` (a rank loads only
-    the rows its penalty share needs)."""
+    """Reads rows [lo, hi) of one module's EWC diagonal from ``fisher/ewc/`` (a rank loads only the rows its
+    penalty share needs)."""
     from safetensors import safe_open
 
-    path = str(r.out / "fisher" / "ewc.safetensors")
+    index = _fisher_file(r, "ewc/model.safetensors.index.json", "ewc")
+    folder = index.parent
+    weight_map = json.loads(index.read_text())["weight_map"]
 
     def rows(name: str, lo: int, hi: int) -> torch.Tensor:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(str(folder / weight_map[name]), framework="pt") as f:
             part: torch.Tensor = f.get_slice(name)[lo:hi]
             return part
 
@@ -91,6 +104,9 @@ def train(r: Ctx) -> None:
     """Fine-tune every arm (plain LoRA, LoRA + EWC, AlignGuard-LoRA) on the same data and steps."""
     from fisherdist.methods.agl.run_arm import train_arm
 
+    for arm, name in (("agl", "bases.safetensors"), ("ewc", "ewc/model.safetensors.index.json")):
+        if arm in r.cfg.train.arms:
+            _fisher_file(r, name, arm)
     path = r.out / "curves.json"
     curves: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}  # other arms' runs stay
     for arm in r.cfg.train.arms:
@@ -99,17 +115,17 @@ def train(r: Ctx) -> None:
 
 
 def evaluate(r: Ctx) -> None:
-    """Base and every arm's merged model: refusal, over-refusal, task accuracy, perplexity -> report."""
-    from transformers import AutoModelForCausalLM
-
+    """Base and every arm's merged model: refusal, over-refusal, task accuracy, perplexity -> report.
+    Each model is loaded as the run's config says (``recipes.lora_run.plain_model``: one copy sharded over
+    the ranks with ``model.load=sharded`` or ZeRO-3, else one per rank); the ranks split the prompts."""
     from fisherdist.eval.alignment import evaluate as eval_model
     from fisherdist.eval.alignment import write_drift_report
+    from fisherdist.recipes.lora_run import plain_model
 
     data = eval_data(r)
 
     def one(path: Any) -> dict[str, float]:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=r.dtype).to(r.env.device).eval()
-        return eval_model(model, r.tokenizer, data)
+        return eval_model(plain_model(r, path), r.tokenizer, data)
 
     before = one(r.cfg.model.path)
     after = {arm: one(r.out / "models" / arm) for arm in r.cfg.train.arms}
