@@ -183,16 +183,29 @@ class KroneckerFactors:
         if not 0 < m <= d:
             raise FisherdistError(f"K-FAC eigenbasis of {fqn}: m={m} must be in 1..{d}")
         counts = self.state.global_counts()
-        owner = self.placement.owner(fqn)
         packed = torch.zeros(m + d * m, dtype=self.dtype, device=self._device)
-        if owner == self.placement.rank:
+        if self.placement.owner(fqn) == self.placement.rank:
             values, vectors = torch.linalg.eigh(self._square(fqn, counts))
             packed = torch.cat([values.flip(0)[:m], vectors.flip(1)[:, :m].reshape(-1)])
+        packed = self._from_owner(fqn, packed)
+        return packed[:m], packed[m:].view(d, m)
+
+    def trace(self, fqn: str) -> float:
+        """The trace of factor ``fqn`` (the sum of all its eigenvalues), from its owner rank (collective)."""
+        counts = self.state.global_counts()
+        value = torch.zeros(1, dtype=self.dtype, device=self._device)
+        if self.placement.owner(fqn) == self.placement.rank:
+            value = self._square(fqn, counts).diagonal().sum().reshape(1)
+        return float(self._from_owner(fqn, value)[0])
+
+    def _from_owner(self, fqn: str, packed: torch.Tensor) -> torch.Tensor:
+        """``packed`` as the owner rank of ``fqn`` holds it, on every rank."""
         if self.placement.world > 1:
             group = self.backend.group
+            owner = self.placement.owner(fqn)
             src = dist.get_global_rank(group, owner) if group is not None else owner
             dist.broadcast(packed, src=src, group=group)
-        return packed[:m], packed[m:].view(d, m)
+        return packed
 
     def close(self) -> None:
         for h in self._handles:
