@@ -4,7 +4,10 @@
   alignment data, G = E[g g^T] (output side, g the output gradient of the per-sample alignment NLL) and
   A = E[a a^T] (input side), computed on the factors' owner rank and broadcast
   (``KroneckerFactors.eigenbasis``), and each factor's residual level, the mean of its other eigenvalues
-  (from ``KroneckerFactors.trace``: one scalar); never one global eigenbasis.
+  (from ``KroneckerFactors.trace``: one scalar); never one global eigenbasis. The factors take every
+  position up to the response's end (``kfac_tokens: context``), the prompt too: the drift changes the keys
+  and values of the request's tokens, which reach the refusal decision through attention, and a Fisher of
+  the response positions alone cannot see that (measured: with it AGL collapses like plain LoRA).
 * EWC: the engine's per-sample diagonal empirical Fisher of the adapted base weights on the same data.
 
 Both are normalised to be scale-free (the aligned model predicts its refusals confidently, so raw values
@@ -62,7 +65,8 @@ def _side(acc: Any, fqn: str, m: int) -> tuple[torch.Tensor, torch.Tensor, float
 def alignment_bases(wrapped: Any, batches: list[dict[str, torch.Tensor]], targets: list[str], m: int) -> dict[str, ModuleBasis]:
     """Per-module top-``m`` eigenpairs and residual levels of both K-FAC factors (collective: every rank
     calls it)."""
-    spec = FisherSpec(estimator="kfac", kfac_factors="both", params=[f"*{t}.weight" for t in targets], dtype="float64")
+    spec = FisherSpec(estimator="kfac", kfac_factors="both", kfac_tokens="context", params=[f"*{t}.weight" for t in targets],
+                      dtype="float64")
     acc = estimate_fisher(wrapped, batches, spec, progress=False)
     try:
         layers = sorted(acc.layers)  # type: ignore[attr-defined]
