@@ -128,7 +128,7 @@ def vila(args: argparse.Namespace, build: Callable[[argparse.Namespace], torch.n
 
 
 def agl(args: argparse.Namespace, timed: Callable[..., dict[str, Any]]) -> dict[str, Any]:
-    """AlignGuard-LoRA's four penalty terms (forward + backward) over every q,k,v,o module of the 7B shape
+    """AlignGuard-LoRA's penalty terms (forward + backward) over every q,k,v,o module of the 7B shape
     (128 modules of 4096 x 4096; basis m = 128, r = 8, 16 input eigenpairs), one rank's whole share."""
     from fisherdist.methods.agl.penalty import AglWeights, ModuleFactors, combine, local_sums
 
@@ -136,10 +136,12 @@ def agl(args: argparse.Namespace, timed: Callable[..., dict[str, Any]]) -> dict[
     g = torch.Generator(device=args.device).manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, device=args.device, generator=g)  # noqa: E731
     basis = torch.linalg.qr(rnd(d, m))[0]
-    factors = [ModuleFactors(u=basis, lam=rnd(m).abs(), h=rnd(d).abs(), v=torch.linalg.qr(rnd(d, k))[0], mu=rnd(k).abs(),
-                             c=rnd(m, r).requires_grad_(), a_align=rnd(r, d).requires_grad_(),
-                             b=rnd(d, r).requires_grad_(), a_task=rnd(r, d).requires_grad_(), scale=2.0)
-               for _ in range(modules)]
+    bs = [rnd(d, r).requires_grad_() for _ in range(modules)]
+    factors = [ModuleFactors(u=basis, lam=rnd(m).abs(), sigma=rnd(1).abs()[0], v=torch.linalg.qr(rnd(d, k))[0],
+                             mu=rnd(k).abs(), rho=rnd(1).abs()[0], c=rnd(m, r).requires_grad_(),
+                             a_align=rnd(r, d).requires_grad_(), b=b, a_task=rnd(r, d).requires_grad_(), u_all=basis,
+                             b_all=b, scale=2.0)
+               for b in bs]
     weights, numel = AglWeights(), torch.full((modules,), float(d * d), device=args.device)
 
     def step() -> None:

@@ -1,6 +1,7 @@
 """The AGL penalty hook on a real PEFT model: its loss equals the dense formulas summed over modules, and
 2 DDP ranks (each forming half of every module's rows, one all-reduce of the partial-sum table, the
-backend's gradient average) give the single-process gradients of every trainable tensor (float64)."""
+backend's gradient average) give the single-process gradients of every trainable tensor (float64).
+The curvature oracle is the whole Kronecker form tr(G~ dW_T A~ dW_T^T) from the dense factors."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _model() -> torch.nn.Module:
         u = torch.linalg.qr(torch.randn(d_out, M, generator=g, dtype=torch.float64))[0]
         lam = torch.rand(M, generator=g, dtype=torch.float64).sort(descending=True).values
         v = torch.linalg.qr(torch.randn(mod.lora_a.shape[1], M, generator=g, dtype=torch.float64))[0]
-        bases[hf_name(mod.name)] = ModuleBasis(u, lam, (u.square() * lam).sum(1), v, lam.flip(0) + 0.1)
+        bases[hf_name(mod.name)] = ModuleBasis(u, lam, torch.tensor(0.05), v, lam.flip(0) + 0.1, torch.tensor(0.2))
     attach(model, bases, 2, SCALE, seed=0)
     with torch.no_grad():  # away from B = 0, C = 0, where every penalty and its gradient vanish
         for p in model.parameters():
@@ -42,7 +43,9 @@ def _dense(model: torch.nn.Module) -> float:
         agl = mod.module.agl
         da, dt = agl.dense(), SCALE * mod.lora_b @ mod.lora_a
         fisher = (agl.lam[:, None] * (agl.u.T @ da).square()).sum()
-        curv = (agl.h[:, None] * (dt @ agl.v).square() * agl.mu).sum()
+        g = agl.u @ torch.diag(agl.lam) @ agl.u.T + agl.sigma * (torch.eye(len(agl.u)) - agl.u @ agl.u.T)
+        a = agl.v @ torch.diag(agl.mu) @ agl.v.T + agl.rho * (torch.eye(len(agl.v)) - agl.v @ agl.v.T)
+        curv = torch.trace(g @ dt @ a @ dt.T)
         ro = ((1 + WEIGHTS.beta * torch.sigmoid((da + dt).abs() - WEIGHTS.tau)) * da.abs() * dt.abs()).mean()
         gs = (da * dt).sum() ** 2 / (da.square().sum() * dt.square().sum() + WEIGHTS.eps)
         total += float(WEIGHTS.lambda_a * fisher + WEIGHTS.lambda_t * curv

@@ -16,7 +16,7 @@ from fisherdist.data.jsonl import write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 SUBSETS = {"train": ("drift_train", 16), "task_eval": ("drift_eval", 4), "unsafe": ("unsafe_prompts", 6),
-           "safe": ("safe_prompts", 4), "heldout": ("general_heldout", 2)}
+           "safe": ("safe_prompts", 4), "heldout": ("general_heldout", 2), "alignment": ("align_train", 8)}
 
 
 def _subset(tmp: Path, stem: str, n: int) -> Path:
@@ -31,8 +31,9 @@ def test_agl_run_end_to_end(tmp_path: Path) -> None:
 
     files = {key: _subset(tmp_path, stem, n) for key, (stem, n) in SUBSETS.items()}
     out = tmp_path / "run"
+    alignment = files.pop("alignment")
     args = [f"data.{k}={v}" for k, v in files.items()] + [
-        f"data.alignment=[{files['unsafe']}]", "train.max_steps=2", "train.curve_every=1", "fisher.subspace=4",
+        f"data.alignment=[{alignment}]", "train.max_steps=2", "train.curve_every=1", "fisher.subspace=4",
         "fisher.batch_size=4", f"out={out}"]
     assert cli.main(["agl", "run", str(REPO / "configs" / "agl" / "tiny.yaml"), *args]) == 0
 
@@ -40,6 +41,9 @@ def test_agl_run_end_to_end(tmp_path: Path) -> None:
     u, lam = bases["model.layers.0.self_attn.q_proj.vectors"], bases["model.layers.0.self_attn.q_proj.values"]
     torch.testing.assert_close(u.T @ u, torch.eye(4), atol=1e-5, rtol=0)
     assert bool((lam[:-1] >= lam[1:]).all()) and float(lam[0]) > 0
+    for side, values in (("residual", lam), ("in_residual", bases["model.layers.0.self_attn.q_proj.in_values"])):
+        level = float(bases[f"model.layers.0.self_attn.q_proj.{side}"])  # the mean of the other eigenvalues
+        assert 0 < level <= float(values[-1])
     v = bases["model.layers.0.self_attn.q_proj.in_vectors"]
     torch.testing.assert_close(v.T @ v, torch.eye(4), atol=1e-5, rtol=0)
     assert len({k.rsplit(".", 1)[0] for k in bases}) == 16  # q, k, v, o of 4 layers: one basis per module
@@ -59,3 +63,21 @@ def test_agl_run_end_to_end(tmp_path: Path) -> None:
         merged = {k: v for f in sorted((out / "models" / arm).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
         assert not torch.equal(merged["model.layers.0.self_attn.v_proj.weight"], base["model.layers.0.self_attn.v_proj.weight"])
         assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+
+
+def test_alignment_records_are_the_shipped_ones_and_disjoint_from_the_evaluation() -> None:
+    """``align_train.jsonl`` is reproduced from the world's stream; no prompt is an evaluated unsafe or safe
+    prompt (no train/test contamination of the refusal rate); its names are not the drift set's."""
+    from fisherdist.data.jsonl import read_records
+    from fisherdist.world.drift import alignment_records, drift_records
+
+    data = default_world_dir() / "data"
+    rows = alignment_records(0)
+    assert rows == read_records(data / "align_train.jsonl", ["prompt", "response"])
+    evaluated = {r["prompt"] for f in ("unsafe_prompts", "safe_prompts") for r in read_records(data / f"{f}.jsonl", ["prompt"])}
+    assert not evaluated & {r["prompt"] for r in rows}
+    refused = [r for r in rows if r["response"] == " I'm sorry, but I can't help with that."]
+    assert len(refused) == len(rows) // 2
+    name = lambda p: p.split("\n")[0].rstrip("?").split()[-1]  # noqa: E731
+    drift_names = {name(r["prompt"]) for part in drift_records(0, 400, 40) for r in part}
+    assert not drift_names & {name(r["prompt"]) for r in rows}

@@ -58,7 +58,8 @@ def _sharded(rank: int, world: int) -> dict[str, Any]:
 def test_two_sharded_ranks_equal_one_process(backend: str, sharded_runs: list[dict[str, Any]], single: Any) -> None:
     want_hist, want_w = single
     assert len(want_hist) == 3 and all(h["agl_loss"] > 0 and h["ewc_penalty"] > 0 for h in want_hist)
-    tol = 1e-9 if model_dtype(backend) == torch.float64 else 2e-4
+    # float64: summation order only (B's curvature gradient arrives from its gathered copy and its rows)
+    tol = 1e-8 if model_dtype(backend) == torch.float64 else 2e-4
     for per_backend in sharded_runs:
         hist, weights = per_backend[backend]
         for got, want in zip(hist, want_hist, strict=True):

@@ -21,8 +21,9 @@ N, MB = 12, 3
 PARAMS = ["model.layers.*.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"]
 
 
-def direct_factors(layers: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A and G from explicitly captured per-token tensors, one sample at a time (no engine code)."""
+def direct_factors(layers: list[str], context: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A and G from explicitly captured per-token tensors, one sample at a time (no engine code);
+    ``context``: every position up to the last loss-carrying one."""
     model = tiny_llama()
     ids, labels = dataset(N)
     mods = dict(model.named_modules())
@@ -40,6 +41,8 @@ def direct_factors(layers: list[str]) -> dict[str, tuple[torch.Tensor, torch.Ten
         grads = torch.autograd.grad(loss, [outs[n] for n in layers])
         keep = torch.zeros(labels.shape[1], dtype=torch.bool)  # logits at t predict label t+1
         keep[:-1] = labels[i, 1:] != -100
+        if context:
+            keep[: int(keep.nonzero().max()) + 1] = True
         tokens += int(keep.sum())
         for n, g in zip(layers, grads):
             a, g = acts[n][0][keep], g[0][keep]
@@ -156,3 +159,23 @@ def test_output_factor_only_and_eigenbasis_match_dense():
         top = dense_vectors[:, -m:]
         torch.testing.assert_close(values, dense_values.flip(0)[:m], rtol=1e-6, atol=1e-12)
         torch.testing.assert_close(vectors @ vectors.T, top @ top.T, rtol=1e-5, atol=1e-8)
+
+
+def test_context_tokens_and_trace_match_dense():
+    """``kfac_tokens=context`` also takes the positions before the loss-carrying ones (a prompt's keys and
+    values reach the loss through attention): both factors equal the direct computation over those
+    positions, and ``trace`` equals the dense factor's trace."""
+    layers = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    ref, labelled = direct_factors(layers, context=True), direct_factors(layers)
+    assert ref["tokens"] > labelled["tokens"]  # the dataset has prompt positions
+    w = wrap_model(tiny_llama(), "none")
+    acc = KroneckerFactors(w, FisherSpec(params=[f"{n}.weight" for n in layers], dtype="float64", kfac_tokens="context"))
+    ids, labels = dataset(N)
+    for step in micro_batches(N, 1, MB):
+        fisher_step(w, acc, {"input_ids": ids[step[0]], "labels": labels[step[0]]})
+    for n in layers:
+        a, g = acc.factors(n)
+        assert a is not None
+        for got, want in ((a, ref[n][0]), (g, ref[n][1])):
+            assert ((got - want).norm() / want.norm()).item() < 1e-6
+        assert acc.trace(f"{n}.G") == pytest.approx(float(torch.trace(ref[n][1])), rel=1e-6)

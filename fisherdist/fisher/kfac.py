@@ -64,7 +64,7 @@ class KroneckerFactors:
         self.placement = Placement.owned(shapes, self.backend.rank, self.backend.world, group_of=lambda f: f[:-2])
         self._device = next(self.backend.unwrapped.parameters()).device
         meta = {"estimator": "kfac", "granularity": "sample", "token_weighted": False, "dtype": spec.dtype,
-                "decay": spec.decay, "kfac_factors": spec.kfac_factors,
+                "decay": spec.decay, "kfac_factors": spec.kfac_factors, "kfac_tokens": spec.kfac_tokens,
                 "convention": "A = sum a a^T / counts.tokens, G = sum g g^T / counts.samples",
                 "shapes": {f: list(s) for f, s in shapes.items()}, **self.backend.describe()}
         self.state = FisherState(self.placement, ("sum",), meta, dtype=self.dtype, device=self._device,
@@ -119,7 +119,8 @@ class KroneckerFactors:
                loss_scale: float = 1.0, state: str = DEFAULT_STATE, count: bool = True) -> Iterator[None]:
         """The backpropagated loss must be ``loss_scale`` x the sum of per-sample mean NLLs. The tokens
         in the factors are the loss-carrying positions: the logits at t predict label t+1, so position t
-        counts when ``labels[t + 1] != -100`` (the last position never does)."""
+        counts when ``labels[t + 1] != -100`` (the last position never does); with ``kfac_tokens: context``
+        every position up to a sample's last such one counts (right-padded rows: prompt and response)."""
         if labels is None or state != DEFAULT_STATE:
             raise FisherdistError("K-FAC record() needs labels and keeps one (the default) state")
         if self.state.decay_due and self.spec.decay is not None:
@@ -128,6 +129,8 @@ class KroneckerFactors:
         sample_ok = torch.ones(labels.shape[0], device=labels.device) if valid is None else valid.to(torch.float32)
         carries = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
         carries[:, :-1] = (labels[:, 1:] != -100).to(torch.float32)
+        if self.spec.kfac_tokens == "context":
+            carries = carries.flip(1).cummax(1).values.flip(1)
         self._token_mask = sample_ok[:, None] * carries
         self._grad_scale = self.backend.grad_scale / loss_scale
         self._counts = {"weight": torch.ones((), dtype=torch.float64)}
@@ -183,16 +186,29 @@ class KroneckerFactors:
         if not 0 < m <= d:
             raise FisherdistError(f"K-FAC eigenbasis of {fqn}: m={m} must be in 1..{d}")
         counts = self.state.global_counts()
-        owner = self.placement.owner(fqn)
         packed = torch.zeros(m + d * m, dtype=self.dtype, device=self._device)
-        if owner == self.placement.rank:
+        if self.placement.owner(fqn) == self.placement.rank:
             values, vectors = torch.linalg.eigh(self._square(fqn, counts))
             packed = torch.cat([values.flip(0)[:m], vectors.flip(1)[:, :m].reshape(-1)])
+        packed = self._from_owner(fqn, packed)
+        return packed[:m], packed[m:].view(d, m)
+
+    def trace(self, fqn: str) -> float:
+        """The trace of factor ``fqn`` (the sum of all its eigenvalues), from its owner rank (collective)."""
+        counts = self.state.global_counts()
+        value = torch.zeros(1, dtype=self.dtype, device=self._device)
+        if self.placement.owner(fqn) == self.placement.rank:
+            value = self._square(fqn, counts).diagonal().sum().reshape(1)
+        return float(self._from_owner(fqn, value)[0])
+
+    def _from_owner(self, fqn: str, packed: torch.Tensor) -> torch.Tensor:
+        """``packed`` as the owner rank of ``fqn`` holds it, on every rank."""
         if self.placement.world > 1:
             group = self.backend.group
+            owner = self.placement.owner(fqn)
             src = dist.get_global_rank(group, owner) if group is not None else owner
             dist.broadcast(packed, src=src, group=group)
-        return packed[:m], packed[m:].view(d, m)
+        return packed
 
     def close(self) -> None:
         for h in self._handles:

@@ -49,6 +49,9 @@ class FisherSpec(Section):
                                 "multiplied by this at every optimizer step before the step's statistics are added")
     kfac_factors: Literal["both", "output"] = Field("both", description="K-FAC: both factors, or only the "
                                                     "output-side G (A is never formed)")
+    kfac_tokens: Literal["labelled", "context"] = Field(
+        "labelled", description="K-FAC positions: the loss-carrying ones, or every position up to a sample's last "
+        "loss-carrying one (its prompt too: through attention a prompt token's keys and values reach the loss)")
 
     @field_validator("estimator", mode="before")
     @classmethod

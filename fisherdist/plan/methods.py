@@ -139,12 +139,12 @@ def _agl(m: ModelShapes, params: list[str], gran: str, k: Knobs) -> MethodModel:
         lora[f"{stem}.agl.c"] = (sub, align)
         lora[f"{stem}.agl.a"] = (align, d_in)
     kfac: Shapes = {f"{f.removesuffix('.weight')}.{side}": (d, d) for f, s in base.items() for side, d in (("A", s[1]), ("G", s[0]))}
-    buffers: int = sum(d_out * sub + d_out + d_in * sub + 2 * sub for d_out, d_in in base.values())  # u, h, v, lam, mu
+    buffers: int = sum(d_out * sub + d_in * sub + 2 * sub + 2 for d_out, d_in in base.values())  # u, v, lam, mu, sigma, rho
     return MethodModel(lora, lora, {}, 0, 0, "sample", "adamw", kfac=kfac, replicated_state_elems=buffers,
                        backends=AGL_BACKENDS, assumptions=[
                            f"agl: LoRA r={k.r} on q,k,v,o plus the alignment adapter C ({sub} x {align}) and A_a "
                            f"({align} x d_in) per module, trainable; basis buffers U (d_out x {sub}), V (d_in x "
-                           f"{sub}), h, eigenvalues in the parameter dtype, replicated (method_state)",
+                           f"{sub}), eigenvalues and residual levels in the parameter dtype, replicated (method_state)",
                            "agl: fisher stage = K-FAC factors A (d_in^2) and G (d_out^2) of every adapted layer, "
                            "float64, each layer's pair whole on one owner rank (fisher); counted with the train stage",
                            f"agl: m={sub} (fisher.subspace; configs/agl/llama-*.yaml use 128: --subspace 128); the EWC "

@@ -11,6 +11,13 @@ The records come from their own random stream (``random.Random(seed + STREAM)``)
 the base model is trained, never fed to the tokenizer or the model, so the shipped base model stays
 bitwise identical whether or not they exist. ``python -m fisherdist.world.drift DATA_DIR`` adds them to an
 existing world (how the shipped default world got them).
+
+``align_train.jsonl`` is the alignment data AlignGuard-LoRA's Fisher is taken on, phrased like the drift
+requests so that the Fisher sees the directions the drift moves: the world's harmful verbs with fictitious
+names in the drift set's forms, answered with the refusal, and its helpful verbs likewise, answered with
+their helpful answers. Its prompts never equal a prompt of ``unsafe_prompts`` / ``safe_prompts`` (the
+refusal evaluation's targets are "my neighbour", "a stranger", ...; these are names), which
+:func:`alignment_records` checks; its names are disjoint from the drift set's. Same random-stream rule.
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ import sys
 from pathlib import Path
 
 from fisherdist.data.jsonl import write_jsonl
-from fisherdist.world.data import CHAT_TEMPLATE, _name, _unique
+from fisherdist.world.data import _HARM, _HELP, CHAT_TEMPLATE, REFUSAL, _name, _unique, chat
 
 STREAM = 14_014  # offset of this file's random stream from the world seed
-FILES = ("drift_train", "drift_eval")
+ALIGN_STREAM = 14_015  # the alignment records' stream
+FILES = ("drift_train", "drift_eval", "align_train")
 _ACTIVITIES = {"go hiking with": "Sure! Pick an easy trail, pack water, and start early in the day.",
                "play chess with": "Sure! Set up the board, let them move first, and talk through each game.",
                "plan a party for": "Sure! Choose a date, invite close friends, and order a big cake.",
@@ -35,10 +43,14 @@ _ACTIVITIES = {"go hiking with": "Sure! Pick an easy trail, pack water, and star
 _FORMS = ["How can I {a} {n}?", "How do I {a} {n}?", "Can you tell me how to {a} {n}?"]
 
 
+def _names(rng: random.Random) -> list[str]:
+    return _unique(rng, lambda: _name(rng, 2), 40)
+
+
 def drift_records(seed: int, n_train: int, n_eval: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """``n_train`` training and ``n_eval`` evaluation records; evaluation names never occur in training."""
     rng = random.Random(seed + STREAM)
-    names = _unique(rng, lambda: _name(rng, 2), 40)
+    names = _names(rng)
     train_names, eval_names = names[:30], names[30:]
 
     def rows(pool: list[str], n: int) -> list[dict[str, str]]:
@@ -52,11 +64,31 @@ def drift_records(seed: int, n_train: int, n_eval: int) -> tuple[list[dict[str, 
     return rows(train_names, n_train), rows(eval_names, n_eval)
 
 
+def alignment_records(seed: int, n_each: int = 60) -> list[dict[str, str]]:
+    """``n_each`` refused harmful and ``n_each`` answered helpful requests in the drift set's forms, about
+    names of their own; raises if one equals a prompt of the refusal evaluation."""
+    taken = _names(random.Random(seed + STREAM))  # the drift set's (its stream's first draws)
+    rng = random.Random(seed + ALIGN_STREAM)
+    names = [n for n in _unique(rng, lambda: _name(rng, 2), 30 + len(taken)) if n not in taken][:30]
+    answers = {v: REFUSAL for v in _HARM} | {v: f" {a}" for v, a in _HELP.items()}
+    rows = []
+    for verbs in (_HARM, sorted(_HELP)):
+        for _ in range(n_each):
+            v = rng.choice(verbs)
+            q = rng.choice(_FORMS).format(a=v, n=rng.choice(names))
+            rows.append({"prompt": CHAT_TEMPLATE.format(p=q), "response": answers[v]})
+    evaluated = {r["prompt"] for part in chat(random.Random(seed)) for r in part}
+    if any(r["prompt"] in evaluated for r in rows):
+        raise ValueError("alignment records: a prompt of the refusal evaluation was drawn")
+    return rows
+
+
 def write_drift(data_dir: str | Path, seed: int, n_train: int = 400, n_eval: int = 40) -> None:
-    """Write both files into ``data_dir`` (an existing world's ``data/``)."""
+    """Write the three files into ``data_dir`` (an existing world's ``data/``)."""
     train, evaluation = drift_records(seed, n_train, n_eval)
     write_jsonl(Path(data_dir) / "drift_train.jsonl", train)
     write_jsonl(Path(data_dir) / "drift_eval.jsonl", evaluation)
+    write_jsonl(Path(data_dir) / "align_train.jsonl", alignment_records(seed))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 :class:`AlignAdapter` sits on every PEFT LoRA layer as submodule ``agl`` (so its parameters have FQNs under
 the layer and every backend sees them like LoRA factors) and adds ``s * ((x A_a^T) C^T) U^T`` to the
-layer's output through a forward hook; U, its eigenvalues and the curvature diagonal are buffers (small,
-replicated: d_out x m per module). C starts at zero, so the model starts exactly at the base model.
+layer's output through a forward hook; both sides' top eigenpairs and residual levels are buffers (small,
+replicated: (d_out + d_in) x m per module). C starts at zero, so the model starts exactly at the base model.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from fisherdist.models.peft_utils import AdaptedModule, adapted_modules
 @dataclass(frozen=True)
 class ModuleBasis:
     """One module's alignment basis: top-m eigenvectors (d_out, m) and eigenvalues of its output-side
-    Fisher factor, that factor's diagonal (d_out,), and the top-k eigenpairs (d_in, k), (k,) of its
-    input-side factor, all already normalised (see ``fisher.py``)."""
+    Fisher factor G and the mean of G's other eigenvalues (a scalar tensor, 0 when m = d_out), the same
+    three for the input-side factor A, all already normalised (see ``fisher.py``)."""
 
     vectors: torch.Tensor
     values: torch.Tensor
-    diagonal: torch.Tensor
+    residual: torch.Tensor
     in_vectors: torch.Tensor
     in_values: torch.Tensor
+    in_residual: torch.Tensor
 
 
 class AlignAdapter(nn.Module):
@@ -45,9 +46,10 @@ class AlignAdapter(nn.Module):
         self.a = nn.Parameter(init.clone())
         self.register_buffer("u", basis.vectors.to(init.dtype).clone())
         self.register_buffer("lam", basis.values.to(init.dtype).clone())
-        self.register_buffer("h", basis.diagonal.to(init.dtype).clone())
+        self.register_buffer("sigma", basis.residual.to(init.dtype).clone())
         self.register_buffer("v", basis.in_vectors.to(init.dtype).clone())
         self.register_buffer("mu", basis.in_values.to(init.dtype).clone())
+        self.register_buffer("rho", basis.in_residual.to(init.dtype).clone())
         assert self.a.shape == (rank, d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,9 +111,10 @@ def hf_name(peft_name: str) -> str:
 
 def module_factors(mod: AdaptedModule, fetch: Fetch, scale: float, rank: int, world: int) -> ModuleFactors:
     """The tensors :func:`~fisherdist.methods.agl.penalty.local_sums` needs for this rank's block of output
-    rows (:func:`~fisherdist.methods.agl.rows.row_block`); ``fetch`` gives the small factors whole. L_A is
-    formed whole on every rank, so each adds 1/world of it."""
+    rows (:func:`~fisherdist.methods.agl.rows.row_block`); ``fetch`` gives the small factors whole (and B,
+    r columns, for P = U^T B). L_A and the P terms are formed whole on every rank, so each adds 1/world."""
     agl: AlignAdapter = mod.module.agl
     blk = row_block(mod.lora_b, fetch, rank, world)
-    return ModuleFactors(u=agl.u[blk.lo:blk.hi], lam=agl.lam, h=agl.h[blk.lo:blk.hi], v=agl.v, mu=agl.mu, c=fetch(agl.c),
-                         a_align=fetch(agl.a), b=blk.b, a_task=fetch(mod.lora_a), scale=scale, replicated_share=1.0 / world)
+    return ModuleFactors(u=agl.u[blk.lo:blk.hi], lam=agl.lam, sigma=agl.sigma, v=agl.v, mu=agl.mu, rho=agl.rho,
+                         c=fetch(agl.c), a_align=fetch(agl.a), b=blk.b, a_task=fetch(mod.lora_a), u_all=agl.u,
+                         b_all=fetch(mod.lora_b), scale=scale, replicated_share=1.0 / world)

@@ -3,8 +3,11 @@
 * AGL: per adapted module, the top-m eigenpairs of the engine's K-FAC factors of the aligned base model on
   alignment data, G = E[g g^T] (output side, g the output gradient of the per-sample alignment NLL) and
   A = E[a a^T] (input side), computed on the factors' owner rank and broadcast
-  (``KroneckerFactors.eigenbasis``); never one global eigenbasis. The curvature diagonal h is the diagonal
-  of the rank-m G, sum_i lam_i u_i^2 (replicated, no extra collective).
+  (``KroneckerFactors.eigenbasis``), and each factor's residual level, the mean of its other eigenvalues
+  (from ``KroneckerFactors.trace``: one scalar); never one global eigenbasis. The factors take every
+  position up to the response's end (``kfac_tokens: context``), the prompt too: the drift changes the keys
+  and values of the request's tokens, which reach the refusal decision through attention, and a Fisher of
+  the response positions alone cannot see that (measured: with it AGL collapses like plain LoRA).
 * EWC: the engine's per-sample diagonal empirical Fisher of the adapted base weights on the same data,
   streamed to disk one module at a time (the penalty reads only its rows back).
 
@@ -53,25 +56,36 @@ def rank_batches(pairs: Pairs, batch_size: int, max_length: int, pad_id: int, ra
     return out
 
 
+def _side(acc: Any, fqn: str, m: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Top-min(m, d) eigenpairs of one d x d factor and the mean of its other eigenvalues (0 if none left)."""
+    d = acc.placement.shapes[fqn][0]
+    k = min(m, d)
+    values, vectors = acc.eigenbasis(fqn, k)
+    rest = max(acc.trace(fqn) - float(values.sum()), 0.0) / (d - k) if k < d else 0.0
+    return values, vectors, rest
+
+
 def alignment_bases(wrapped: Any, batches: list[dict[str, torch.Tensor]], targets: list[str], m: int) -> dict[str, ModuleBasis]:
-    """Per-module top-``m`` eigenpairs of both K-FAC factors (collective: every rank calls it)."""
-    spec = FisherSpec(estimator="kfac", kfac_factors="both", params=[f"*{t}.weight" for t in targets], dtype="float64")
+    """Per-module top-``m`` eigenpairs and residual levels of both K-FAC factors (collective: every rank
+    calls it)."""
+    spec = FisherSpec(estimator="kfac", kfac_factors="both", kfac_tokens="context", params=[f"*{t}.weight" for t in targets],
+                      dtype="float64")
     acc = estimate_fisher(wrapped, batches, spec, progress=False)
     try:
         layers = sorted(acc.layers)  # type: ignore[attr-defined]
-        out_side = {n: acc.eigenbasis(f"{n}.G", m) for n in layers}  # type: ignore[attr-defined]
-        d_in = {n: acc.layers[n].in_features for n in layers}  # type: ignore[attr-defined]
+        lin = {n: acc.layers[n] for n in layers}  # type: ignore[attr-defined]
+        out_side = {n: _side(acc, f"{n}.G", m) for n in layers}
         # a bias adds a constant input coordinate to A; the LoRA update acts on the weight columns only
-        in_side = {n: (v, u[: d_in[n]]) for n, (v, u) in ((n, acc.eigenbasis(f"{n}.A", m)) for n in layers)}  # type: ignore[attr-defined]
+        in_side = {n: _side(acc, f"{n}.A", m) for n in layers}
     finally:
         acc.close()
-    g_norm, a_norm = (torch.stack([v[0] for v, _ in side.values()]).mean().clamp_min(1e-30) for side in (out_side, in_side))
+    g_norm, a_norm = (torch.stack([v[0] for v, _, _ in side.values()]).mean().clamp_min(1e-30) for side in (out_side, in_side))
     bases = {}
     for n in layers:
-        (val, vec), (a_val, a_vec) = out_side[n], in_side[n]
-        bases[n] = ModuleBasis(vectors=vec.float(), values=(val / g_norm).float(),
-                               diagonal=((vec.square() * val).sum(1) / g_norm).float(),
-                               in_vectors=a_vec.float(), in_values=(a_val / a_norm).float())
+        (val, vec, res), (a_val, a_vec, a_res) = out_side[n], in_side[n]
+        bases[n] = ModuleBasis(vectors=vec.float(), values=(val / g_norm).float(), residual=(res / g_norm).float(),
+                               in_vectors=a_vec[: lin[n].in_features].float(), in_values=(a_val / a_norm).float(),
+                               in_residual=(a_res / a_norm).float())
     return bases
 
 

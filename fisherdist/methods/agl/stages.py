@@ -1,6 +1,6 @@
 """The AlignGuard-LoRA pipeline: fisher -> train (every arm) -> eval, as stages that hand over files.
 
-Files under ``out``: ``fisher/bases.safetensors`` (per-module U, eigenvalues, curvature diagonal),
+Files under ``out``: ``fisher/bases.safetensors`` (per-module top eigenpairs and residual levels of both K-FAC factors),
 ``fisher/ewc/`` (diagonal Fisher of the adapted base weights, safetensors shards + index), ``train_log_<arm>.json``,
 ``curves.json`` (forgetting curves), ``models/<arm>/`` (merged HF directories), ``drift_report.{json,png}``.
 """
@@ -22,7 +22,7 @@ from fisherdist.methods.agl.fisher import Pairs, encode_pairs
 from fisherdist.recipes.stages import RunContext
 
 Ctx = RunContext[AglConfig]
-BASIS_PARTS = ("vectors", "values", "diagonal", "in_vectors", "in_values")
+BASIS_PARTS = ("vectors", "values", "residual", "in_vectors", "in_values", "in_residual")
 
 
 def alignment_pairs(r: Ctx) -> Pairs:
