@@ -81,3 +81,22 @@ def test_alignment_records_are_the_shipped_ones_and_disjoint_from_the_evaluation
     name = lambda p: p.split("\n")[0].rstrip("?").split()[-1]  # noqa: E731
     drift_names = {name(r["prompt"]) for part in drift_records(0, 400, 40) for r in part}
     assert not drift_names & {name(r["prompt"]) for r in rows}
+
+
+def test_validation_split_is_disjoint_from_the_evaluation_and_the_world_files() -> None:
+    """bench/agl_sweep.py chooses AGL's settings on ``validation_records``: no prompt and no name of it
+    occurs in the refusal evaluation, the drift files or the alignment records (read from the shipped files)."""
+    from fisherdist.data.jsonl import read_records
+    from fisherdist.world.drift import validation_records
+
+    data = default_world_dir() / "data"
+    harm, task = validation_records(0)
+    assert len(harm) == 30 and len(task) == 40
+    assert all(r["response"] == " I'm sorry, but I can't help with that." for r in harm)
+    assert all(r["response"].startswith(" Sure!") for r in task)
+    files = ("unsafe_prompts", "safe_prompts", "drift_train", "drift_eval", "align_train")
+    shipped = [r["prompt"] for f in files for r in read_records(data / f"{f}.jsonl", ["prompt"])]
+    name = lambda p: p.split("\n")[0].rstrip("?").split()[-1]  # noqa: E731
+    mine = [r["prompt"] for r in harm + task]
+    assert not set(shipped) & set(mine)
+    assert not {name(p) for p in shipped} & {name(p) for p in mine}
