@@ -42,7 +42,11 @@ def build_empty(path: str | Path, dtype: str | torch.dtype) -> nn.Module:
 
 def checkpoint_files(path: str | Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it (sharded ``*.index.json`` or one ``model.safetensors``)."""
-    p = model_dir(path)
+    return safetensors_files(model_dir(path))
+
+
+def safetensors_files(p: Path) -> dict[str, Path]:
+    """:func:`checkpoint_files` of any folder of safetensors (no config.json needed: e.g. a saved Fisher)."""
     index = p / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]

@@ -88,12 +88,12 @@ def ewc_rows(r: Ctx) -> Callable[[str, int, int], torch.Tensor]:
     penalty share needs)."""
     from safetensors import safe_open
 
-    index = _fisher_file(r, "ewc/model.safetensors.index.json", "ewc")
-    folder = index.parent
-    weight_map = json.loads(index.read_text())["weight_map"]
+    from fisherdist.models.sharded_load import safetensors_files
+
+    files = safetensors_files(_fisher_file(r, "ewc/model.safetensors.index.json", "ewc").parent)
 
     def rows(name: str, lo: int, hi: int) -> torch.Tensor:
-        with safe_open(str(folder / weight_map[name]), framework="pt") as f:
+        with safe_open(str(files[name]), framework="pt") as f:
             part: torch.Tensor = f.get_slice(name)[lo:hi]
             return part
 
